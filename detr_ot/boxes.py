@@ -1,0 +1,39 @@
+"""Box conversions and (generalised) IoU, on top of torchvision.ops."""
+
+from __future__ import annotations
+
+import torch
+from torchvision.ops import box_convert, generalized_box_iou
+
+
+def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    return box_convert(boxes, "cxcywh", "xyxy")
+
+
+def xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
+    return box_convert(boxes, "xyxy", "cxcywh")
+
+
+def pairwise_giou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """GIoU (Rezatofighi et al., CVPR 2019) between every box of ``boxes1`` (..., N, 4) and ``boxes2``
+    (..., M, 4), both xyxy; returns (..., N, M). Batched over leading dimensions."""
+    if boxes1.dim() == 2:
+        return generalized_box_iou(boxes1, boxes2)
+    lead = boxes1.shape[:-2]
+    b1 = boxes1.reshape(-1, *boxes1.shape[-2:])
+    b2 = boxes2.reshape(-1, *boxes2.shape[-2:])
+    return _batched_giou(b1, b2).reshape(*lead, boxes1.shape[-2], boxes2.shape[-2])
+
+
+def _batched_giou(b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    area1 = (b1[..., 2] - b1[..., 0]) * (b1[..., 3] - b1[..., 1])
+    area2 = (b2[..., 2] - b2[..., 0]) * (b2[..., 3] - b2[..., 1])
+    lt = torch.maximum(b1[:, :, None, :2], b2[:, None, :, :2])
+    rb = torch.minimum(b1[:, :, None, 2:], b2[:, None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    union = area1[:, :, None] + area2[:, None, :] - inter
+    iou = inter / union
+    lt_c = torch.minimum(b1[:, :, None, :2], b2[:, None, :, :2])
+    rb_c = torch.maximum(b1[:, :, None, 2:], b2[:, None, :, 2:])
+    hull = (rb_c - lt_c).clamp(min=0).prod(-1)
+    return iou - (hull - union) / hull

@@ -1,0 +1,67 @@
+"""Builders: config -> model, criterion, optimizer, LR schedule. The registries do the dispatch."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from detr_ot.config import Config
+from detr_ot.losses import CLASSIFICATION_LOSSES
+from detr_ot.losses.criterion import SetCriterion
+from detr_ot.matching import MATCHERS, CostWeights
+from detr_ot.models import DETR, PostProcess, Transformer, build_backbone
+
+
+def head_type(cfg: Config) -> str:
+    """``softmax`` or ``sigmoid``: explicit ``model.head``, else what the classification loss needs."""
+    if cfg.model.head != "auto":
+        return cfg.model.head
+    return CLASSIFICATION_LOSSES.get(cfg.loss.cls).head
+
+
+def build_model(cfg: Config, num_classes: int) -> DETR:
+    m = cfg.model
+    backbone = build_backbone(m.backbone, m.pretrained, m.backbone_weights)
+    transformer = Transformer(m.hidden_dim, m.nheads, m.enc_layers, m.dec_layers, m.dim_feedforward, m.dropout)
+    return DETR(backbone, transformer, num_classes, m.num_queries, m.aux_loss, sigmoid=head_type(cfg) == "sigmoid")
+
+
+def _options(registry, name: str, given: dict):  # noqa: ANN001, ANN202
+    opt_cls = registry.options(name)
+    if opt_cls is None:
+        return None
+    return given.get(name, opt_cls())
+
+
+def build_criterion(cfg: Config, num_classes: int) -> SetCriterion:
+    weights = CostWeights(cfg.matcher.cost_class, cfg.matcher.cost_bbox, cfg.matcher.cost_giou)
+    matcher = MATCHERS.build(cfg.matcher.name, weights, _options(MATCHERS, cfg.matcher.name, cfg.matcher.options))
+    loss_cls = CLASSIFICATION_LOSSES.get(cfg.loss.cls)
+    cls_loss = loss_cls(cfg.loss, num_classes, _options(CLASSIFICATION_LOSSES, cfg.loss.cls, cfg.loss.options))
+    class_cost = cfg.matcher.class_cost
+    if class_cost == "auto":
+        class_cost = loss_cls.class_cost if head_type(cfg) == loss_cls.head else (
+            "prob" if head_type(cfg) == "softmax" else "focal"
+        )
+    return SetCriterion(
+        matcher, cls_loss, num_classes, class_cost, cfg.loss.cls_weight, cfg.loss.bbox_weight, cfg.loss.giou_weight
+    )
+
+
+def build_postprocess(cfg: Config) -> PostProcess:
+    return PostProcess(sigmoid=head_type(cfg) == "sigmoid", num_select=100)
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW with a separate backbone learning rate (DETR's recipe)."""
+    backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
+    groups = [{"params": rest, "lr": cfg.optim.lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": cfg.optim.lr_backbone})
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """Step drops at the epochs in ``optim.lr_drop`` (stepped once per epoch)."""
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.optim.lr_drop), gamma=cfg.optim.gamma)

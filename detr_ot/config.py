@@ -1,0 +1,311 @@
+"""Typed configuration: YAML files with inheritance, ``key=value`` overrides, strict validation.
+
+A YAML file may name a parent with ``_base_: other.yaml`` (relative to itself); the child's keys are merged
+over the parent's. Unknown keys are an error listing the valid keys. Matchers and classification losses
+carry their own option dataclasses, registered with them: ``matcher.<name>.<key>`` and ``loss.<name>.<key>``
+are validated against the registered options of ``<name>``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class ShapesConfig:
+    """The built-in synthetic dataset (detr_ot/data/shapes.py)."""
+
+    num_train: int = 2000
+    num_val: int = 200
+    seed: int = 0
+    min_size: int = 96
+    max_size: int = 128
+    max_objects: int = 5
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "shapes"  # shapes | coco
+    root: str = "datasets/shapes"  # images in root/<split>/, annotations in root/annotations/instances_<split>.json
+    train_split: str = "train"
+    val_split: str = "val"
+    transforms: str = "shapes"  # shapes | coco
+    batch_size: int = 8  # per process
+    eval_batch_size: int = 8  # per process
+    num_workers: int = 2
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "tiny"  # tiny | any timm ResNet name, e.g. resnet50
+    pretrained: bool = False  # timm download of the backbone weights (needs the network)
+    backbone_weights: str | None = None  # local weights file for the backbone (offline use)
+    hidden_dim: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    num_queries: int = 100
+    aux_loss: bool = True
+    head: str = "auto"  # auto | softmax | sigmoid  (auto: what the classification loss needs)
+
+
+@dataclass
+class MatcherConfig:
+    name: str = "hungarian"
+    cost_class: float = 1.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    class_cost: str = "auto"  # auto | prob | focal | sigmoid_prob | logit
+    options: dict[str, Any] = field(default_factory=dict)  # matcher.<name>.<key>, typed by the registry
+
+
+@dataclass
+class LossConfig:
+    cls: str = "ce"  # ce | focal (| ranking losses)
+    cls_weight: float = 1.0
+    bbox_weight: float = 5.0
+    giou_weight: float = 2.0
+    eos_coef: float = 0.1  # weight of the no-object class in cross-entropy
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    options: dict[str, Any] = field(default_factory=dict)  # loss.<name>.<key>, typed by the registry
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    weight_decay: float = 1e-4
+    lr_drop: list[int] = field(default_factory=lambda: [200])  # epochs at which the LR is multiplied by gamma
+    gamma: float = 0.1
+    clip_max_norm: float = 0.1
+    warmup_iters: int = 0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 300
+    eval_interval: int = 1  # evaluate every N epochs (and always after the last)
+    amp: bool = False  # mixed precision on CUDA
+    print_freq: int = 50
+    max_iters_per_epoch: int = 0  # 0: the whole dataset
+
+
+@dataclass
+class LogConfig:
+    tb_dir: str | None = None  # TensorBoard directory; default <output_dir>/tb
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    output_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    matcher: MatcherConfig = field(default_factory=MatcherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _registries() -> dict[type, Any]:
+    from detr_ot.losses import CLASSIFICATION_LOSSES
+    from detr_ot.matching import MATCHERS
+
+    return {MatcherConfig: MATCHERS, LossConfig: CLASSIFICATION_LOSSES}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} does not fit {tp}")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            value = [value]
+        return [_coerce(v, inner, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(value):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys with the list of valid ones."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.name != "options"}
+    registry = _registries().get(cls)
+    kwargs: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key in fields:
+            kwargs[key] = _coerce(value, hints[key], path)
+        elif registry is not None and key in registry:
+            opt_cls = registry.options(key)
+            if opt_cls is None:
+                raise ConfigError(f"{path}: {registry.kind} {key!r} takes no options")
+            options[key] = _coerce(value, opt_cls, path)
+        else:
+            extra = f"; or a registered {registry.kind} name: {registry.names()}" if registry else ""
+            raise ConfigError(f"unknown config key {path!r}; valid keys here: {sorted(fields)}{extra}")
+    obj = cls(**kwargs)
+    if registry is not None:
+        obj.options = options
+    return obj
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain nested dict of a config (options dataclasses flattened under their registry names)."""
+    if dataclasses.is_dataclass(cfg):
+        out = {}
+        for f in dataclasses.fields(cfg):
+            value = getattr(cfg, f.name)
+            if f.name == "options" and isinstance(value, dict):
+                for name, opts in value.items():
+                    out[name] = to_dict(opts)
+            else:
+                out[f.name] = to_dict(value)
+        return out
+    if isinstance(cfg, list | tuple):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def _merge(base: dict, child: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config, resolving ``_base_`` inheritance (recursively)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    base = data.pop("_base_", None)
+    if base is not None:
+        data = _merge(load_yaml(path.parent / base), data)
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a","b","c"], YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and "," in value and not raw.startswith(("'", '"')):
+        value = [yaml.safe_load(v) for v in value.split(",")]
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load ``path`` (with inheritance), apply ``key=value`` overrides, validate, return a :class:`Config`."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that the schema alone cannot express."""
+    from detr_ot.losses import CLASSIFICATION_LOSSES
+    from detr_ot.matching import MATCHERS
+
+    if cfg.matcher.name not in MATCHERS:
+        raise ConfigError(f"matcher.name={cfg.matcher.name!r}; registered matchers: {MATCHERS.names()}")
+    if cfg.loss.cls not in CLASSIFICATION_LOSSES:
+        raise ConfigError(f"loss.cls={cfg.loss.cls!r}; registered: {CLASSIFICATION_LOSSES.names()}")
+    if cfg.model.head not in ("auto", "softmax", "sigmoid"):
+        raise ConfigError(f"model.head={cfg.model.head!r}; use auto, softmax or sigmoid")
+    if cfg.data.dataset not in ("shapes", "coco"):
+        raise ConfigError(f"data.dataset={cfg.data.dataset!r}; use shapes or coco")
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,54 @@
+"""The one object between matchers and losses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Assignment:
+    """A (possibly soft) assignment of queries to ground truths, padded over the batch.
+
+    ``plan``: B x Q x (M+1); column 0 is the background ("no object"), column ``j+1`` the j-th ground truth of
+    the image. Rows sum to 1. Padded ground-truth columns hold zeros.
+    ``gt_mask``: B x M, True for real ground truths. ``hard``: every row is one-hot.
+    The criterion only reads this object; whether ``plan`` carries a gradient is the matcher's business.
+    """
+
+    plan: torch.Tensor
+    gt_mask: torch.Tensor
+    hard: bool
+
+    @property
+    def to_gt(self) -> torch.Tensor:
+        """B x Q x M: the mass each query sends to each ground truth."""
+        return self.plan[..., 1:]
+
+    @property
+    def to_background(self) -> torch.Tensor:
+        """B x Q: the mass each query sends to the background."""
+        return self.plan[..., 0]
+
+    def matched_pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(batch, query, gt) index tensors of the matched pairs; for a soft plan each query goes to its
+        largest column (ground truths only)."""
+        if self.hard:
+            b, q, g = (self.to_gt > 0.5).nonzero(as_tuple=True)
+            return b, q, g
+        best = self.plan.detach().argmax(-1)
+        b, q = (best > 0).nonzero(as_tuple=True)
+        return b, q, best[b, q] - 1
+
+    @classmethod
+    def from_pairs(
+        cls, batch: int, queries: int, gt_mask: torch.Tensor, b: torch.Tensor, q: torch.Tensor, g: torch.Tensor
+    ) -> Assignment:
+        """A hard assignment from matched (batch, query, gt) index pairs."""
+        m = gt_mask.shape[1]
+        plan = torch.zeros(batch, queries, m + 1, device=gt_mask.device)
+        plan[..., 0] = 1.0
+        plan[b, q, 0] = 0.0
+        plan[b, q, g + 1] = 1.0
+        return cls(plan=plan, gt_mask=gt_mask, hard=True)

@@ -1,0 +1,8 @@
+"""DETR model: backbone, position encoding, transformer, heads, post-processing."""
+
+from detr_ot.models.backbone import Backbone, BackboneWeightsError, build_backbone
+from detr_ot.models.detr import DETR
+from detr_ot.models.postprocess import PostProcess
+from detr_ot.models.transformer import Transformer
+
+__all__ = ["DETR", "Backbone", "BackboneWeightsError", "PostProcess", "Transformer", "build_backbone"]

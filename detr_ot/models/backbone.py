@@ -1,0 +1,152 @@
+"""CNN backbones returning one feature map and its padding mask.
+
+Padding is honoured exactly: every convolution and max-pool of the backbone sees zeros where the image
+is padded, which is what it sees past the border of an unpadded image. So an image's features, and hence
+its detections, do not depend on which other images share its batch (in facebookresearch/detr the AP moves
+with the evaluation batch size because padded pixels leak into the features).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class MaskedConvContext:
+    """Forward pre-hooks that zero the padded region of every conv / max-pool input.
+
+    For a feature map of stride ``s`` the valid region of an image whose unpadded size is ``(h, w)`` is
+    ``ceil(h / s) x ceil(w / s)``, exactly what stride-``s`` convolutions with ``padding = k // 2`` produce
+    on the unpadded image. Max-pools follow ReLUs, so zero equals their ``-inf`` padding.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.valid_hw: torch.Tensor | None = None  # (B, 2) unpadded input sizes
+        self.input_hw: tuple[int, int] = (0, 0)
+        for m in module.modules():
+            if isinstance(m, nn.Conv2d | nn.MaxPool2d):
+                m.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+        if self.valid_hw is None:
+            return None
+        x = args[0]
+        return (x * self.mask_for(x.shape[-2:], x.device, x.dtype),) + tuple(args[1:])
+
+    def mask_for(self, hw: torch.Size | tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(B, 1, h, w) with 1 on the valid region of each image at that resolution."""
+        assert self.valid_hw is not None
+        h, w = int(hw[0]), int(hw[1])
+        stride_h = 2 ** round(math.log2(self.input_hw[0] / h))
+        stride_w = 2 ** round(math.log2(self.input_hw[1] / w))
+        vh = torch.div(self.valid_hw[:, 0] + stride_h - 1, stride_h, rounding_mode="floor")
+        vw = torch.div(self.valid_hw[:, 1] + stride_w - 1, stride_w, rounding_mode="floor")
+        rows = torch.arange(h, device=device)[None, :] < vh.to(device)[:, None]
+        cols = torch.arange(w, device=device)[None, :] < vw.to(device)[:, None]
+        return (rows[:, :, None] & cols[:, None, :])[:, None].to(dtype)
+
+
+def valid_sizes(mask: torch.Tensor) -> torch.Tensor:
+    """(B, 2) unpadded (h, w) from a padding mask (True on padding, padding at the bottom/right)."""
+    valid = ~mask
+    return torch.stack([valid[:, :, 0].sum(1), valid[:, 0, :].sum(1)], dim=1)
+
+
+def feature_mask(mask: torch.Tensor, feature_hw: tuple[int, int], stride: int) -> torch.Tensor:
+    """Padding mask of a stride-``stride`` feature map (True on padding), with ceil semantics."""
+    sizes = valid_sizes(mask)
+    vh = torch.div(sizes[:, 0] + stride - 1, stride, rounding_mode="floor")
+    vw = torch.div(sizes[:, 1] + stride - 1, stride, rounding_mode="floor")
+    h, w = feature_hw
+    rows = torch.arange(h, device=mask.device)[None, :] < vh[:, None]
+    cols = torch.arange(w, device=mask.device)[None, :] < vw[:, None]
+    return ~(rows[:, :, None] & cols[:, None, :])
+
+
+class Backbone(nn.Module):
+    """Wraps a feature extractor ``body`` (image -> one feature map of stride ``stride``)."""
+
+    def __init__(self, body: nn.Module, num_channels: int, stride: int) -> None:
+        super().__init__()
+        self.body = body
+        self.num_channels = num_channels
+        self.stride = stride
+        self._masking = MaskedConvContext(body)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        padded = bool(mask.any())
+        if padded:
+            self._masking.valid_hw = valid_sizes(mask)
+            self._masking.input_hw = (images.shape[-2], images.shape[-1])
+        try:
+            feats = self.body(images)
+        finally:
+            self._masking.valid_hw = None
+        if isinstance(feats, list | tuple):
+            feats = feats[-1]
+        fmask = feature_mask(mask, (feats.shape[-2], feats.shape[-1]), self.stride)
+        if padded:
+            feats = feats.masked_fill(fmask[:, None], 0.0)
+        return feats, fmask
+
+
+def _conv_bn(cin: int, cout: int, stride: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+def tiny_backbone(widths: tuple[int, ...] = (32, 64, 128, 256)) -> Backbone:
+    """A small VGG-style CNN for CPU runs: one stride-2 stage per width, stride ``2 ** len(widths)``."""
+    layers: list[nn.Module] = []
+    cin = 3
+    for i, cout in enumerate(widths):
+        layers += _conv_bn(cin, cout, 2)
+        if i > 0:
+            layers += _conv_bn(cout, cout, 1)
+        cin = cout
+    return Backbone(nn.Sequential(*layers), widths[-1], 2 ** len(widths))
+
+
+class BackboneWeightsError(RuntimeError):
+    """Pretrained backbone weights could not be obtained."""
+
+
+def timm_backbone(name: str, pretrained: bool, weights: str | None, train_backbone: bool = True) -> Backbone:
+    """A timm CNN (e.g. ``resnet50``) with frozen BatchNorm and only its last feature map (stride 32).
+
+    ``weights`` (config key ``model.backbone_weights``) loads a local file; otherwise ``pretrained`` asks
+    timm to download them, which fails offline with a message naming that key.
+    """
+    import timm
+
+    kwargs = dict(features_only=True, out_indices=(-1,))
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"model.backbone_weights={weights!r}: no such file")
+        body = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), **kwargs)
+    elif pretrained:
+        try:
+            body = timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as err:  # network errors come in many types (OSError, HTTP errors, hub errors)
+            raise BackboneWeightsError(
+                f"could not download pretrained weights for backbone {name!r} ({type(err).__name__}: {err}). "
+                "Offline, download them elsewhere and set model.backbone_weights=/path/to/weights.(pth|safetensors), "
+                "or train from scratch with model.pretrained=false."
+            ) from err
+    else:
+        body = timm.create_model(name, pretrained=False, **kwargs)
+    body = timm.layers.freeze_batch_norm_2d(body)
+    if not train_backbone:
+        body.requires_grad_(False)
+    info = body.feature_info
+    return Backbone(body, info.channels()[-1], info.reduction()[-1])
+
+
+def build_backbone(name: str, pretrained: bool = False, weights: str | None = None, train: bool = True) -> Backbone:
+    if name == "tiny":
+        return tiny_backbone()
+    return timm_backbone(name, pretrained, weights, train)
+
+
