@@ -15,14 +15,13 @@ def xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
 
 
 def pairwise_giou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """GIoU (Rezatofighi et al., CVPR 2019) between every box of ``boxes1`` (..., N, 4) and ``boxes2``
-    (..., M, 4), both xyxy; returns (..., N, M). Batched over leading dimensions."""
+    """GIoU (Rezatofighi et al., CVPR 2019) between every box of ``boxes1`` (B, N, 4) and ``boxes2``
+    (B, M, 4), both xyxy; returns (B, N, M) (2-D inputs give (N, M))."""
     if boxes1.dim() == 2:
         return generalized_box_iou(boxes1, boxes2)
-    lead = boxes1.shape[:-2]
-    b1 = boxes1.reshape(-1, *boxes1.shape[-2:])
-    b2 = boxes2.reshape(-1, *boxes2.shape[-2:])
-    return _batched_giou(b1, b2).reshape(*lead, boxes1.shape[-2], boxes2.shape[-2])
+    if boxes1.dim() != 3:
+        raise ValueError(f"pairwise_giou expects (N,4) or (B,N,4) boxes, got {tuple(boxes1.shape)}")
+    return _batched_giou(boxes1, boxes2)
 
 
 def _batched_giou(b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,240 @@
+"""COCO-format detection dataset, loaded through pycocotools and validated at construction.
+
+Every annotation file goes through the same checks (COCO itself and the synthetic shapes dataset), so bad
+input fails at start-up with an error naming the file and the record, not deep inside a training step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset
+
+__all__ = ["AnnotationError", "CocoDetection", "load_coco_annotations"]
+
+
+class AnnotationError(ValueError):
+    """A COCO annotation file (or one of its records) is malformed."""
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def load_coco_annotations(ann_file: str | os.PathLike) -> COCO:
+    """Read, validate and index a COCO detection annotation file; returns a pycocotools ``COCO``.
+
+    Missing ``area`` / ``iscrowd`` fields are filled in (box area / 0) so that ``COCOeval`` works on the
+    result. Raises FileNotFoundError for a missing file and AnnotationError (a ValueError) naming the file and
+    the offending record for anything malformed."""
+    ann_file = Path(ann_file)
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"annotation file not found: {ann_file}")
+    try:
+        with open(ann_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AnnotationError(f"{ann_file}: malformed JSON ({e})") from e
+    _validate(data, ann_file)
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress messages
+        coco.createIndex()
+    return coco
+
+
+def _validate(data: Any, ann_file: Path) -> None:
+    if not isinstance(data, dict):
+        raise AnnotationError(f"{ann_file}: top level must be a JSON object, got {type(data).__name__}")
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise AnnotationError(f"{ann_file}: missing or non-list {key!r} field")
+    anns = data.setdefault("annotations", [])
+    if not isinstance(anns, list):
+        raise AnnotationError(f"{ann_file}: 'annotations' must be a list")
+
+    image_ids: set[int] = set()
+    for i, img in enumerate(data["images"]):
+        if not (isinstance(img, dict) and _is_int(img.get("id")) and isinstance(img.get("file_name"), str)):
+            raise AnnotationError(f"{ann_file}: images[{i}] needs an integer 'id' and a string 'file_name'")
+        for key in ("width", "height"):
+            if not _is_int(img.get(key)) or img[key] <= 0:
+                raise AnnotationError(
+                    f"{ann_file}: image id {img['id']} ({img['file_name']}) has invalid {key} "
+                    f"{img.get(key)!r}"
+                )
+        if img["id"] in image_ids:
+            raise AnnotationError(f"{ann_file}: duplicate image id {img['id']}")
+        image_ids.add(img["id"])
+
+    cat_ids: set[int] = set()
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")):
+            raise AnnotationError(f"{ann_file}: categories[{i}] needs an integer 'id'")
+        if cat["id"] in cat_ids:
+            raise AnnotationError(f"{ann_file}: duplicate category id {cat['id']}")
+        cat_ids.add(cat["id"])
+        cat.setdefault("name", str(cat["id"]))
+    if not cat_ids:
+        raise AnnotationError(f"{ann_file}: 'categories' is empty")
+
+    required = {"id", "image_id", "category_id", "bbox"}
+    ann_ids: set[int] = set()
+    for i, ann in enumerate(anns):
+        if not isinstance(ann, dict) or not required <= ann.keys():
+            raise AnnotationError(
+                f"{ann_file}: annotations[{i}] must be an object with fields {sorted(required)}, "
+                f"got {ann!r:.200}"
+            )
+        aid = ann["id"]
+        if aid in ann_ids:
+            raise AnnotationError(f"{ann_file}: duplicate annotation id {aid} (image id {ann['image_id']})")
+        ann_ids.add(aid)
+        if ann["image_id"] not in image_ids:
+            raise AnnotationError(
+                f"{ann_file}: annotation id {aid} refers to image id {ann['image_id']}, "
+                "which is not in 'images'"
+            )
+        if ann["category_id"] not in cat_ids:
+            raise AnnotationError(
+                f"{ann_file}: annotation id {aid} (image id {ann['image_id']}) has category id "
+                f"{ann['category_id']!r}, which is not in 'categories' (ids {sorted(cat_ids)})"
+            )
+        bbox = ann["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_finite_number(v) for v in bbox)):
+            raise AnnotationError(
+                f"{ann_file}: annotation id {aid} (image id {ann['image_id']}) has a malformed bbox "
+                f"{bbox!r:.200}; expected [x, y, width, height] of 4 finite numbers"
+            )
+        if bbox[2] <= 0 or bbox[3] <= 0:
+            raise AnnotationError(
+                f"{ann_file}: annotation id {aid} (image id {ann['image_id']}) has a non-positive box size "
+                f"(width {bbox[2]}, height {bbox[3]}) in bbox {bbox}"
+            )
+        if ann.setdefault("iscrowd", 0) not in (0, 1):
+            raise AnnotationError(
+                f"{ann_file}: annotation id {aid} (image id {ann['image_id']}) has iscrowd {ann['iscrowd']!r}"
+            )
+        ann.setdefault("area", float(bbox[2] * bbox[3]))
+
+
+class CocoDetection(Dataset):
+    """COCO-format detection dataset.
+
+    Item: ``(image, target)`` after ``transforms``; without transforms ``image`` is the RGB PIL image and
+    ``target["boxes"]`` absolute xyxy. Target keys: ``boxes`` (M, 4) float32, ``labels`` (M,) int64 contiguous
+    labels, ``image_id`` int, ``area`` (M,) float32, ``iscrowd`` (M,) int64, ``orig_size`` / ``size`` int64
+    [h, w]. Boxes are clipped to the image and degenerate ones dropped; with ``train=True`` crowd boxes are
+    dropped too. Images without annotations are kept (``boxes`` of shape (0, 4)).
+
+    Attributes: ``coco`` (pycocotools COCO), ``ids`` (sorted image ids; index -> image id),
+    ``label_to_cat_id`` (list, label -> category id, sorted by category id), ``cat_id_to_label``,
+    ``class_names`` (label order), ``num_classes``.
+    """
+
+    def __init__(
+        self,
+        img_folder: str | os.PathLike,
+        ann_file: str | os.PathLike,
+        transforms: Callable[[Any, dict], tuple[Any, dict]] | None = None,
+        train: bool = False,
+    ) -> None:
+        self.img_folder = Path(img_folder)
+        self.ann_file = Path(ann_file)
+        self.transforms = transforms
+        self.train = train
+        self.coco = load_coco_annotations(self.ann_file)
+        self._check_images_on_disk()
+
+        cats = sorted(self.coco.cats.values(), key=lambda c: c["id"])
+        self.label_to_cat_id: list[int] = [int(c["id"]) for c in cats]
+        self.cat_id_to_label: dict[int, int] = {c: i for i, c in enumerate(self.label_to_cat_id)}
+        self.class_names: list[str] = [str(c["name"]) for c in cats]
+        self.num_classes: int = len(cats)
+        self.ids: list[int] = sorted(self.coco.imgs)
+
+    def _check_images_on_disk(self) -> None:
+        if not self.img_folder.is_dir():
+            raise FileNotFoundError(
+                f"image folder {self.img_folder} (for annotation file {self.ann_file}) does not exist"
+            )
+        with os.scandir(self.img_folder) as it:
+            present = {entry.name for entry in it}
+        missing = [
+            img
+            for img in self.coco.dataset["images"]
+            if img["file_name"] not in present
+            and not ("/" in img["file_name"] and (self.img_folder / img["file_name"]).is_file())
+        ]
+        if missing:
+            first = missing[0]
+            raise FileNotFoundError(
+                f"image file {self.img_folder / first['file_name']} (image id {first['id']}) listed in "
+                f"{self.ann_file} is missing on disk ({len(missing)} of {len(self.coco.dataset['images'])} "
+                "listed images missing)"
+            )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load_target(self, image_id: int, width: int, height: int) -> dict[str, Any]:
+        """Target dict (absolute xyxy boxes, clipped to ``width`` x ``height``) of one image."""
+        anns = self.coco.imgToAnns.get(image_id, [])
+        if self.train:
+            anns = [a for a in anns if not a["iscrowd"]]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        labels = torch.tensor([self.cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64)
+        area = torch.tensor([a["area"] for a in anns], dtype=torch.float32)
+        iscrowd = torch.tensor([a["iscrowd"] for a in anns], dtype=torch.int64)
+        size = torch.tensor([height, width], dtype=torch.int64)
+        return {
+            "boxes": boxes[keep],
+            "labels": labels[keep],
+            "image_id": int(image_id),
+            "area": area[keep],
+            "iscrowd": iscrowd[keep],
+            "orig_size": size,
+            "size": size.clone(),
+        }
+
+    def __getitem__(self, index: int) -> tuple[Any, dict[str, Any]]:
+        image_id = self.ids[index]
+        info = self.coco.imgs[image_id]
+        path = self.img_folder / info["file_name"]
+        with Image.open(path) as img:
+            image = img.convert("RGB")
+        width, height = image.size
+        if (width, height) != (info["width"], info["height"]):
+            raise AnnotationError(
+                f"{path} is {width}x{height} on disk but {self.ann_file} says "
+                f"{info['width']}x{info['height']} (image id {image_id})"
+            )
+        target = self.load_target(image_id, width, height)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(images={len(self)}, classes={self.num_classes}, "
+            f"folder={self.img_folder}, ann_file={self.ann_file}, train={self.train})"
+        )

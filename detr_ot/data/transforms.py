@@ -1,0 +1,251 @@
+"""Joint image + target transforms (DETR recipe), built on ``torchvision.transforms.v2`` box support.
+
+Every transform takes and returns ``(image, target)``. Between transforms the image is a PIL image or a
+(C, H, W) tensor and ``target["boxes"]`` holds absolute xyxy boxes; :class:`ToTensorNormalize` (always last)
+turns the image into a normalised float tensor and the boxes into cxcywh normalised by the final (w, h), as
+the DETR data contract requires. Randomness comes from torch's global RNG, so DataLoader workers are seeded
+by PyTorch.
+
+Presets (:func:`build_transforms`):
+  * ``coco`` -- Carion et al., ECCV 2020, Sec. 4 / A.4: horizontal flip, then with probability 1/2 a
+    multi-scale resize (shorter side 480..800 step 32, longer side at most 1333) or resize to {400, 500, 600},
+    random crop of side 384..600, multi-scale resize; evaluation resizes the shorter side to 800
+    (longer <= 1333).
+  * ``shapes`` -- horizontal flip for training, identity for evaluation (the synthetic images are small).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+from detr_ot.registry import Registry
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "TRANSFORMS",
+    "Compose",
+    "RandomHorizontalFlip",
+    "RandomResize",
+    "RandomSelect",
+    "RandomSizeCrop",
+    "ToTensorNormalize",
+    "build_transforms",
+    "resized_hw",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: Per-box target fields, filtered together when a crop drops boxes.
+_PER_BOX_KEYS = ("boxes", "labels", "area", "iscrowd")
+
+Target = dict[str, Any]
+Transform = Callable[[Any, Target], tuple[Any, Target]]
+
+TRANSFORMS: Registry[Transform] = Registry("transforms preset")
+
+
+def _hw(image: Any) -> tuple[int, int]:
+    h, w = F.get_size(image)
+    return int(h), int(w)
+
+
+def _as_boxes(target: Target, hw: tuple[int, int]) -> tv_tensors.BoundingBoxes:
+    return tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=hw)
+
+
+def resized_hw(h: int, w: int, size: int, max_size: int | None = None) -> tuple[int, int]:
+    """Output (h, w) of DETR's resize: shorter side to ``size`` unless that makes the longer side exceed
+    ``max_size``, in which case the longer side becomes ``max_size``; aspect ratio kept."""
+    scale = size / min(h, w)
+    if max_size is not None and max(h, w) * scale > max_size:
+        scale = max_size / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+class Compose:
+    """Apply transforms in order."""
+
+    def __init__(self, transforms: Sequence[Transform]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, image: Any, target: Target) -> tuple[Any, Target]:
+        for t in self.transforms:
+            image, target = t(image, target)
+        return image, target
+
+    def __repr__(self) -> str:
+        inner = ", ".join(repr(t) for t in self.transforms)
+        return f"Compose([{inner}])"
+
+
+class RandomHorizontalFlip:
+    """Mirror image and boxes with probability ``p``."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        self.p = p
+
+    def __call__(self, image: Any, target: Target) -> tuple[Any, Target]:
+        if torch.rand(()) >= self.p:
+            return image, target
+        hw = _hw(image)
+        target = dict(target)
+        target["boxes"] = F.horizontal_flip(_as_boxes(target, hw)).as_subclass(torch.Tensor)
+        return F.horizontal_flip(image), target
+
+    def __repr__(self) -> str:
+        return f"RandomHorizontalFlip(p={self.p})"
+
+
+class RandomResize:
+    """Resize so the shorter side is a random element of ``sizes`` (longer side capped at ``max_size``)."""
+
+    def __init__(self, sizes: Sequence[int], max_size: int | None = None) -> None:
+        self.sizes = list(sizes)
+        self.max_size = max_size
+
+    def __call__(self, image: Any, target: Target) -> tuple[Any, Target]:
+        size = self.sizes[int(torch.randint(len(self.sizes), ()))]
+        h, w = _hw(image)
+        new_hw = resized_hw(h, w, size, self.max_size)
+        target = dict(target)
+        target["boxes"] = F.resize(_as_boxes(target, (h, w)), list(new_hw)).as_subclass(torch.Tensor)
+        if "area" in target:
+            target["area"] = target["area"] * (new_hw[0] * new_hw[1] / (h * w))
+        target["size"] = torch.tensor(new_hw, dtype=torch.int64)
+        return F.resize(image, list(new_hw), antialias=True), target
+
+    def __repr__(self) -> str:
+        return f"RandomResize(sizes={self.sizes}, max_size={self.max_size})"
+
+
+class RandomSizeCrop:
+    """Crop a random region whose width and height are uniform in [min_size, max_size] (bounded by the image);
+    boxes are clipped to the crop and those left with no area are dropped."""
+
+    def __init__(self, min_size: int, max_size: int) -> None:
+        self.min_size = min_size
+        self.max_size = max_size
+
+    def __call__(self, image: Any, target: Target) -> tuple[Any, Target]:
+        h, w = _hw(image)
+        ch = int(torch.randint(min(self.min_size, h), min(h, self.max_size) + 1, ()))
+        cw = int(torch.randint(min(self.min_size, w), min(w, self.max_size) + 1, ()))
+        top = int(torch.randint(h - ch + 1, ()))
+        left = int(torch.randint(w - cw + 1, ()))
+        return crop(image, target, top, left, ch, cw)
+
+    def __repr__(self) -> str:
+        return f"RandomSizeCrop({self.min_size}, {self.max_size})"
+
+
+def crop(image: Any, target: Target, top: int, left: int, height: int, width: int) -> tuple[Any, Target]:
+    """Crop image and boxes to the window; boxes are clipped and those left empty are dropped. ``area``
+    shrinks in proportion to the visible part of each box."""
+    hw = _hw(image)
+    target = dict(target)
+    old = target["boxes"]
+    boxes = F.crop(_as_boxes(target, hw), top, left, height, width).as_subclass(torch.Tensor)
+    # Clip explicitly (independent of the tv_tensors clamping mode).
+    boxes = torch.stack(
+        [boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height),
+         boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)],
+        dim=1,
+    ) if len(boxes) else boxes.reshape(0, 4)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    if "area" in target and len(old):
+        old_area = ((old[:, 2] - old[:, 0]) * (old[:, 3] - old[:, 1])).clamp(min=1e-12)
+        new_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        target["area"] = target["area"] * (new_area / old_area)
+    target["boxes"] = boxes
+    for key in _PER_BOX_KEYS:
+        if key in target:
+            target[key] = target[key][keep]
+    target["size"] = torch.tensor([height, width], dtype=torch.int64)
+    return F.crop(image, top, left, height, width), target
+
+
+class RandomSelect:
+    """Apply ``t1`` with probability ``p``, otherwise ``t2``."""
+
+    def __init__(self, t1: Transform, t2: Transform, p: float = 0.5) -> None:
+        self.t1, self.t2, self.p = t1, t2, p
+
+    def __call__(self, image: Any, target: Target) -> tuple[Any, Target]:
+        if torch.rand(()) < self.p:
+            return self.t1(image, target)
+        return self.t2(image, target)
+
+    def __repr__(self) -> str:
+        return f"RandomSelect({self.t1!r}, {self.t2!r}, p={self.p})"
+
+
+class ToTensorNormalize:
+    """Image -> float32 tensor in [0, 1] normalised by ``mean``/``std``; boxes -> cxcywh divided by the final
+    (w, h); ``size`` set to the final [h, w]."""
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, image: Any, target: Target) -> tuple[torch.Tensor, Target]:
+        img = F.to_dtype(F.to_image(image), torch.float32, scale=True)
+        img = F.normalize(img, self.mean, self.std).as_subclass(torch.Tensor)
+        h, w = img.shape[-2:]
+        target = dict(target)
+        boxes = target["boxes"].to(torch.float32)
+        cxcywh = torch.stack(
+            [(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2,
+             boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]],
+            dim=1,
+        ) if len(boxes) else boxes.reshape(0, 4)
+        target["boxes"] = cxcywh / torch.tensor([w, h, w, h], dtype=torch.float32)
+        target["size"] = torch.tensor([h, w], dtype=torch.int64)
+        return img, target
+
+    def __repr__(self) -> str:
+        return f"ToTensorNormalize(mean={self.mean}, std={self.std})"
+
+
+COCO_SCALES = list(range(480, 801, 32))
+
+
+@TRANSFORMS.register("coco")
+def coco_transforms(train: bool) -> Transform:
+    """DETR's COCO augmentation (Carion et al., ECCV 2020, Appendix A.4)."""
+    if train:
+        return Compose(
+            [
+                RandomHorizontalFlip(),
+                RandomSelect(
+                    RandomResize(COCO_SCALES, max_size=1333),
+                    Compose(
+                        [
+                            RandomResize([400, 500, 600]),
+                            RandomSizeCrop(384, 600),
+                            RandomResize(COCO_SCALES, max_size=1333),
+                        ]
+                    ),
+                ),
+                ToTensorNormalize(),
+            ]
+        )
+    return Compose([RandomResize([800], max_size=1333), ToTensorNormalize()])
+
+
+@TRANSFORMS.register("shapes")
+def shapes_transforms(train: bool) -> Transform:
+    """Synthetic shapes: horizontal flip when training, no resizing."""
+    if train:
+        return Compose([RandomHorizontalFlip(), ToTensorNormalize()])
+    return Compose([ToTensorNormalize()])
+
+
+def build_transforms(preset: str, train: bool) -> Transform:
+    """The ``preset`` pipeline (see :data:`TRANSFORMS`.names()) for training or evaluation."""
+    return TRANSFORMS.build(preset, train)
