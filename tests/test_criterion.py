@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
-from detr_ot.config import load_config
 from detr_ot.build import build_criterion
+from detr_ot.config import load_config
 
 
 def make_criterion(cls: str, num_classes: int, aux: bool = True):  # noqa: ANN201

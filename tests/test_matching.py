@@ -52,7 +52,8 @@ def test_batched_equals_per_image_and_empty_images() -> None:
     batched = matcher(compute_pairwise_terms(logits, boxes, PaddedTargets.from_list(targets, "cpu")))
     assert batched.hard and batched.plan.shape == (4, 7, 6)
     for b, t in enumerate(targets):
-        single = matcher(compute_pairwise_terms(logits[b : b + 1], boxes[b : b + 1], PaddedTargets.from_list([t], "cpu")))
+        one = PaddedTargets.from_list([t], "cpu")
+        single = matcher(compute_pairwise_terms(logits[b : b + 1], boxes[b : b + 1], one))
         n = counts[b]
         assert torch.equal(batched.plan[b, :, : n + 1], single.plan[0])
         assert torch.all(batched.plan[b, :, n + 1 :] == 0)  # padded columns carry no mass
@@ -70,7 +71,8 @@ def test_cost_is_detr_cost() -> None:
     terms = compute_pairwise_terms(logits, boxes, PaddedTargets.from_list(targets, "cpu"), "prob")
     prob = logits[0].softmax(-1)[:, targets[0]["labels"]]
     l1 = torch.cdist(boxes[0], targets[0]["boxes"], p=1)
-    giou = generalized_box_iou(box_convert(boxes[0], "cxcywh", "xyxy"), box_convert(targets[0]["boxes"], "cxcywh", "xyxy"))
+    xyxy = box_convert(boxes[0], "cxcywh", "xyxy")
+    giou = generalized_box_iou(xyxy, box_convert(targets[0]["boxes"], "cxcywh", "xyxy"))
     torch.testing.assert_close(terms.class_cost[0], -prob)
     torch.testing.assert_close(terms.l1[0], l1)
     torch.testing.assert_close(terms.giou[0], giou)

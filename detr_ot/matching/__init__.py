@@ -1,6 +1,10 @@
 """Matchers: pairwise terms -> cost -> Assignment. Importing this package registers every matcher."""
 
-from detr_ot.matching import hungarian  # noqa: F401  (registers "hungarian")
+from detr_ot.matching import (
+    gu,  # noqa: F401  (registers "gu")
+    hungarian,  # noqa: F401  (registers "hungarian")
+    sinkhorn,  # noqa: F401  (registers "sinkhorn")
+)
 from detr_ot.matching.assignment import Assignment
 from detr_ot.matching.base import MATCHERS, Matcher
 from detr_ot.matching.pairwise import (
