@@ -161,6 +161,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
@@ -209,7 +211,10 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
         else:
             extra = f"; or a registered {registry.kind} name: {registry.names()}" if registry else ""
             raise ConfigError(f"unknown config key {path!r}; valid keys here: {sorted(fields)}{extra}")
-    obj = cls(**kwargs)
+    try:
+        obj = cls(**kwargs)
+    except (TypeError, ValueError) as err:  # an options dataclass's own validation (__post_init__)
+        raise ConfigError(f"{where or 'config'}: {err}") from err
     if registry is not None:
         obj.options = options
     return obj

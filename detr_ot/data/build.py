@@ -72,7 +72,9 @@ def build_loader(
 ) -> DataLoader:
     """DataLoader with :func:`collate_batch`. Training shuffles with a generator seeded by ``seed`` unless a
     ``sampler`` (e.g. DistributedSampler) is given; the generator also seeds the workers' RNGs, so
-    augmentation is reproducible. Never drops the last partial batch."""
+    augmentation is reproducible. Training workers are not persistent: call :func:`seed_loader_epoch` before
+    each epoch so an epoch's augmentation depends only on (seed, epoch), and a resumed run replays it exactly.
+    Never drops the last partial batch."""
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(
@@ -83,7 +85,13 @@ def build_loader(
         num_workers=num_workers,
         collate_fn=collate_batch,
         drop_last=False,
-        persistent_workers=num_workers > 0,
+        persistent_workers=num_workers > 0 and not train,
         pin_memory=torch.cuda.is_available(),
         generator=generator,
     )
+
+
+def seed_loader_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Re-seed the loader's generator (which seeds the workers of the next iterator) for ``epoch``."""
+    if loader.generator is not None:
+        loader.generator.manual_seed(seed * 100_003 + epoch)

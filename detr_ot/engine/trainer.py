@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from detr_ot.build import build_criterion, build_model, build_optimizer, build_postprocess, build_scheduler
 from detr_ot.config import Config, dump_config, to_dict
-from detr_ot.data.build import build_dataset, build_loader
+from detr_ot.data.build import build_dataset, build_loader, seed_loader_epoch
 from detr_ot.engine import distributed as dist
 from detr_ot.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from detr_ot.engine.logger import RunLogger
@@ -51,7 +51,7 @@ def _check_finite(losses: dict[str, torch.Tensor], epoch: int, iteration: int) -
     bad = [k for k, v in losses.items() if k != "loss" and not bool(torch.isfinite(v))]
     raise NonFiniteLossError(
         f"non-finite training loss at epoch {epoch}, iteration {iteration}: term(s) {bad or ['loss']} "
-        f"= {[float(losses[k]) for k in bad]}. The run stopped; the last good checkpoint is kept."
+        f"= {[float(losses[k].detach()) for k in bad]}. The run stopped; the last good checkpoint is kept."
     )
 
 
@@ -257,6 +257,7 @@ def run(cfg: Config, resume: str | None = None, eval_only: bool = False, progres
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.time()
         train_sampler.set_epoch(epoch)
+        seed_loader_epoch(train_loader, cfg.seed + dist.rank(), epoch)
         criterion.matcher.set_epoch(epoch, cfg.train.epochs)
         train_stats = train_one_epoch(
             ddp_model, criterion, train_loader, optimizer, device, epoch, cfg.optim.clip_max_norm, scaler,

@@ -127,13 +127,18 @@ def timm_backbone(name: str, pretrained: bool, weights: str | None, train_backbo
             raise FileNotFoundError(f"model.backbone_weights={weights!r}: no such file")
         body = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), **kwargs)
     elif pretrained:
+        hint = (
+            "Offline, download them elsewhere and set model.backbone_weights=/path/to/weights.(pth|safetensors), "
+            "or train from scratch with model.pretrained=false."
+        )
+        reason = _hub_unreachable()
         try:
+            if reason is not None:  # fail in seconds, not after the hub client's minute of retries
+                raise OSError(reason)
             body = timm.create_model(name, pretrained=True, **kwargs)
         except Exception as err:  # network errors come in many types (OSError, HTTP errors, hub errors)
             raise BackboneWeightsError(
-                f"could not download pretrained weights for backbone {name!r} ({type(err).__name__}: {err}). "
-                "Offline, download them elsewhere and set model.backbone_weights=/path/to/weights.(pth|safetensors), "
-                "or train from scratch with model.pretrained=false."
+                f"could not download pretrained weights for backbone {name!r} ({type(err).__name__}: {err}). {hint}"
             ) from err
     else:
         body = timm.create_model(name, pretrained=False, **kwargs)
@@ -142,6 +147,23 @@ def timm_backbone(name: str, pretrained: bool, weights: str | None, train_backbo
         body.requires_grad_(False)
     info = body.feature_info
     return Backbone(body, info.channels()[-1], info.reduction()[-1])
+
+
+def _hub_unreachable(host: str = "huggingface.co", timeout: float = 3.0) -> str | None:
+    """Why the weights hub cannot be reached, or None if it may be (a proxy or a cache is trusted)."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        cached = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+        return None if cached.is_dir() else "HF_HUB_OFFLINE is set and there is no local hub cache"
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as err:
+        return f"{host} is unreachable ({err})"
+    return None
 
 
 def build_backbone(name: str, pretrained: bool = False, weights: str | None = None, train: bool = True) -> Backbone:

@@ -1,0 +1,760 @@
+"""Ranking-based classification losses with error-driven updates: AP, aLRP and RS Loss.
+
+Sources (``seed`` = ``000_8c158015f19ac4ee.txt`` of the project's seeds):
+
+* AP Loss: Chen et al., "Towards Accurate One-Stage Object Detection with AP-Loss", CVPR 2019;
+  seed sec. 1.1.1, eqs. 1.3-1.5 (primary terms ``L_ij``, update ``dL/ds_k = (1/|P|) sum_j (L_jk - L_kj)``).
+* aLRP Loss: Oksuz et al., "A Ranking-based, Balanced Loss Function Unifying Classification and
+  Localisation in Object Detection", NeurIPS 2020 (sec. 4: ``l_LRP(i)``, its classification/localisation
+  split, the ranking-based update and self-balance); seed sec. 2.2.2.3.
+* RS Loss: Oksuz et al., "Rank & Sort Loss for Object Detection and Instance Segmentation", ICCV 2021;
+  seed sec. 2.1.3, eqs. 2.20-2.22.
+
+Common notation (one *ranking group*): logits ``s``, positives ``P`` (given by a mask, independent of any
+quality target), negatives ``N`` (all other logits), ``x_ij = s_j - s_i`` and the smoothed step
+``H(x) = clamp(x / (2 delta) + 1/2, 0, 1)`` (a tie counts 1/2). ``N_FP(i) = sum_{j in N} H(x_ij)``.
+Every loss is an autograd Function whose backward is the *error-driven update* (not autograd through
+``H``): each positive ``i`` has an error that is pushed back onto the logits that cause it, and the update
+of a group sums to zero over its logits. Updates are divided by ``Z = |P|`` of the group.
+
+Algorithm (exact, no ``P x N`` matrix). ``H(s_j - s_i)`` is piecewise linear in ``s_j`` with breakpoints
+``s_i - delta`` and ``s_i + delta``. The ``2P`` breakpoints of a group are sorted and every logit is put in
+its bucket with ``torch.searchsorted`` (``O(N log P)``). Per-bucket negative counts and logit sums
+(``bincount`` in float64) and their prefix sums give every ``N_FP(i)`` in ``O(P)``; every negative's
+update is ``A_k + B_k * s_j`` inside its bucket ``k``, with ``A, B`` built from difference arrays over the
+buckets (``O(P)``) and applied with one gather (``O(N)``). Bucket 0 holds exactly the negatives below
+``min_i s_i - delta``: it has ``A_0 = B_0 = 0``, which is the exact pruning of the papers. The
+positive-positive terms are ``P x P`` and are computed in row chunks bounded by ``max_chunk_bytes``.
+Internally everything is float64 (logit casts included), so fp16/bf16/fp32 inputs are handled the same way;
+losses come back in ``promote(dtype, float32)`` and the update in the dtype of the logits.
+
+Ranking groups: every loss takes ``logits`` of shape ``(N,)`` (one group) or ``(G, N)`` (``G`` groups,
+e.g. ``pred_logits.flatten(1)`` for per-image grouping, ``pred_logits.reshape(1, -1)`` for per-batch
+grouping); the groups are processed together without a Python loop over groups. ``reduction`` combines the
+per-group losses: ``"mean"`` (default) averages over the groups that have at least one positive, ``"sum"``
+adds them, ``"none"`` returns ``(G,)``. A group without positives has loss 0 and update 0 (and stays in the
+autograd graph).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "SelfBalance",
+    "alrp_loc_weights",
+    "alrp_loss",
+    "ap_loss",
+    "balance_by_value",
+    "rs_box_weights",
+    "rs_loss",
+]
+
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+_F64 = torch.float64
+_REDUCTIONS = ("mean", "sum", "none")
+_HERE = "detr_ot/losses/ranking.py"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# shared machinery
+# ----------------------------------------------------------------------------------------------------------
+def _smooth_step(x: Tensor, delta: float) -> Tensor:
+    """``H(x) = clamp(x / (2 delta) + 1/2, 0, 1)`` (seed eq. 1.3 with the smoothed step of AP Loss)."""
+    return (x / (2.0 * delta) + 0.5).clamp_(0.0, 1.0)
+
+
+@dataclass
+class _Layout:
+    """Groups of a call: float64 logits, masks, and the positives gathered into a padded ``(G, Pmax)``."""
+
+    x: Tensor  # (G, N) detached logits in the work dtype promote(dtype, float32): the update's dtype
+    pos: Tensor  # (G, N) bool
+    gi: Tensor  # (P,) group of each positive, in pos_mask.nonzero() order (row-major)
+    ni: Tensor  # (P,) column of each positive
+    slot: Tensor  # (P,) index of each positive inside its group
+    flat_pos: Tensor  # (P,) gi * N + ni: index into x.view(-1)
+    flat_slot: Tensor  # (P,) gi * Pmax + slot: index into a (G, Pmax) tensor viewed flat
+    valid: Tensor  # (G, Pmax) bool, real positive slots
+    sp: Tensor  # (G, Pmax) float64 positive logits (0 on padding)
+    npos: Tensor  # (G,) float64 number of positives
+    pmax: int
+    squeeze: bool  # input was 1-D
+    full: bool  # every group has Pmax positives (always for one group): no padding to mask
+
+    def pad(self, values: Tensor) -> Tensor:
+        """``(P,)`` per-positive values in nonzero order -> ``(G, Pmax)`` float64, 0 on padding."""
+        values = values.detach().to(device=self.sp.device, dtype=_F64)
+        if self.full:
+            return values.view(self.sp.shape)
+        return self.sp.new_zeros(self.sp.numel()).index_copy_(0, self.flat_slot, values).view(self.sp.shape)
+
+    def unpad(self, values: Tensor) -> Tensor:
+        """``(G, Pmax)`` -> ``(P,)`` in nonzero order (index_select: advanced indexing is slow on CPU)."""
+        flat = values.reshape(-1)
+        return flat if self.full else flat.index_select(0, self.flat_slot)
+
+
+def _layout(fn: str, logits: Tensor, pos_mask: Tensor) -> _Layout:
+    if not torch.is_floating_point(logits):
+        raise TypeError(f"{_HERE}:{fn}: logits must be floating point, got {logits.dtype}")
+    if logits.dim() not in (1, 2):
+        raise ValueError(f"{_HERE}:{fn}: logits must be (N,) or (G, N), got {tuple(logits.shape)}")
+    if pos_mask.shape != logits.shape:
+        raise ValueError(
+            f"{_HERE}:{fn}: pos_mask {tuple(pos_mask.shape)} must match logits {tuple(logits.shape)}"
+        )
+    if pos_mask.dtype != torch.bool:
+        raise TypeError(f"{_HERE}:{fn}: pos_mask must be a bool tensor, got {pos_mask.dtype}")
+    squeeze = logits.dim() == 1
+    x = logits.detach()
+    work = torch.promote_types(logits.dtype, torch.float32)
+    x = x.to(work)  # no copy for float32/float64 logits
+    pos = pos_mask.to(logits.device)
+    if squeeze:
+        x, pos = x.unsqueeze(0), pos.unsqueeze(0)
+    g, n = x.shape
+    gi, ni = pos.nonzero(as_tuple=True)  # row-major: gi is sorted
+    npos = gi.numel()  # the one host sync (nonzero): shapes depend on it
+    if g == 1:
+        counts = torch.full((1,), npos, dtype=torch.long, device=x.device)
+        pmax = npos
+        slot = flat_slot = torch.arange(npos, device=x.device)
+        flat_pos = ni
+        valid = torch.ones(1, npos, dtype=torch.bool, device=x.device)
+        sp = x.view(-1).index_select(0, ni).to(_F64).unsqueeze(0)
+    else:
+        counts = torch.bincount(gi, minlength=g)
+        pmax = int(counts.max()) if npos else 0
+        first = counts.cumsum(0) - counts  # index of each group's first positive
+        slot = torch.arange(npos, device=gi.device) - first.index_select(0, gi)
+        flat_slot = gi * pmax + slot
+        flat_pos = gi * n + ni
+        valid = torch.zeros(g * pmax, dtype=torch.bool, device=x.device).index_fill_(0, flat_slot, True)
+        valid = valid.view(g, pmax)
+        sp = torch.zeros(g * pmax, dtype=_F64, device=x.device)
+        sp = sp.index_copy_(0, flat_slot, x.reshape(-1).index_select(0, flat_pos).to(_F64)).view(g, pmax)
+    full = npos == g * pmax
+    return _Layout(x, pos, gi, ni, slot, flat_pos, flat_slot, valid, sp, counts.to(_F64), pmax, squeeze, full)
+
+
+def _check_per_positive(fn: str, name: str, values: Tensor, lay: _Layout) -> None:
+    if values.dim() != 1 or values.numel() != lay.gi.numel():
+        raise ValueError(
+            f"{_HERE}:{fn}: {name} must be (P,) with P = pos_mask.sum() = {lay.gi.numel()} "
+            f"(positives in pos_mask.nonzero() order), got {tuple(values.shape)}"
+        )
+
+
+_GRID_CELLS_PER_BREAKPOINT = 16
+_GRID_MAX_PER_CELL = 8
+
+
+def _count_at_or_below(bps: Tensor, nfinite: Tensor | None, s: Tensor, force_search: bool = False) -> Tensor:
+    """``#{m : bps[g, m] <= s[g, j]}`` (int32), rows ``bps`` ascending, the first ``nfinite[g]`` finite.
+
+    ``nfinite=None``: all breakpoints are finite.
+    On CUDA this is ``torch.searchsorted``. On CPU a binary search over random logits is dominated by branch
+    mispredictions (measured 5-15 ms for 192k logits), so each group gets a uniform grid of ``M`` cells over
+    ``[b_first, b_last]`` with ``cell(x) = clamp(floor((x - b_first) * M / span), 0, M - 1)``. ``cell`` is
+    monotone in ``x`` (each float step is, and breakpoints and logits go through the same kernels), so
+    ``b <= s`` implies ``cell(b) <= cell(s)`` and ``cell(b) > cell(s)`` implies ``b > s``: the count is the
+    number of breakpoints in earlier cells (a table lookup) plus exact comparisons with the ``T`` breakpoints
+    from the start of ``s``'s cell on (``T`` = most breakpoints in one cell; those of later cells compare
+    False). ``M`` is chosen so that distinct breakpoints usually get their own cell (``T = 1``), within a
+    table budget of about ``N / 2`` entries. Exact; falls back to the binary search when more than 8
+    breakpoints share a cell.
+    """
+    if force_search or s.device.type != "cpu":
+        return torch.searchsorted(bps, s, right=True, out_int32=True)
+    g, b = bps.shape
+    n = s.shape[1]
+    i32 = torch.int32
+    full = nfinite is None  # every breakpoint finite (e.g. one group): skip the padding masks
+    gaps = bps.diff(dim=1)
+    if full:
+        first, span = bps[:, :1], bps[:, -1:] - bps[:, :1]
+        gaps = gaps.masked_fill(gaps <= 0, math.inf)
+    else:
+        finite = torch.arange(b, device=s.device).unsqueeze(0) < nfinite.unsqueeze(1)
+        zero = bps.new_zeros(())
+        first = torch.where(nfinite > 0, bps[:, 0], zero).unsqueeze(1)
+        last = bps.gather(1, (nfinite - 1).clamp_min(0).unsqueeze(1))
+        span = torch.where(nfinite.unsqueeze(1) > 0, last - first, zero)
+        gaps = torch.where(finite[:, 1:] & (gaps > 0), gaps, math.inf)
+    span_max, gap_min = torch.stack([span.max(), gaps.min() if gaps.numel() else span.max()]).tolist()
+    m = _GRID_CELLS_PER_BREAKPOINT * b
+    if 0.0 < gap_min < math.inf and span_max > 0.0:
+        m = int(min(max(m, 2.0 * span_max / gap_min + 1.0), max(m, n // (2 * g))))
+    scale = (m / span).nan_to_num_(0.0, 0.0, 0.0)  # span 0 (no breakpoint): every logit in cell 0
+
+    def cell(x: Tensor) -> Tensor:  # the same float operations for breakpoints and logits
+        y = x - first
+        return y.mul_(scale).clamp_(0, m - 1).to(i32)
+
+    if full:
+        bcell = cell(bps)
+    else:
+        bcell = torch.where(finite, cell(torch.where(finite, bps, first)), m)  # padding: cell m, never hit
+    if g > 1:
+        bcell += (torch.arange(g, device=s.device, dtype=i32) * (m + 1)).unsqueeze(1)
+    per_cell = torch.bincount(bcell.view(-1), minlength=g * (m + 1)).view(g, m + 1)
+    t_max = int(per_cell[:, :m].max())
+    if t_max > _GRID_MAX_PER_CELL:
+        return torch.searchsorted(bps, s, right=True, out_int32=True)
+    before = F.pad(per_cell.cumsum(1), (1, 0))[:, : m + 1].to(i32)  # breakpoints in cells < c
+    cs = cell(s)
+    if g > 1:
+        cs += (torch.arange(g, device=s.device, dtype=i32) * (m + 1)).unsqueeze(1)
+    base = before.reshape(-1).index_select(0, cs.view(-1))  # index of the first breakpoint of s's cell
+    del cs
+    if t_max:
+        padded = F.pad(bps, (0, t_max), value=math.inf).reshape(-1)  # base + t stays inside its row
+        idx = base
+        if g > 1:
+            row = torch.arange(g, device=s.device, dtype=i32) * (b + t_max)
+            idx = (base.view(g, n) + row.unsqueeze(1)).view(-1)
+        flat_s = s.reshape(-1)
+        # T (usually 1) passes, not a loop over positives; all comparisons first since idx may alias base
+        hits = [padded.index_select(0, idx + t if t else idx) <= flat_s for t in range(t_max)]
+        for hit in hits:
+            base += hit
+    return base.view(g, n)
+
+
+@dataclass
+class _Buckets:
+    """Negatives bucketed by the sorted breakpoints ``s_i -+ delta`` of their group."""
+
+    key: Tensor  # (G, N) flat bucket id g * K + k; positives go to the dummy bin G * K
+    enter: Tensor  # (G, Pmax, 2) first linear bucket of positive i (lo_i + 1), twice (for 2-column gathers)
+    leave: Tensor  # (G, Pmax, 2) first saturated bucket of positive i (up_i + 1), twice
+    nfp: Tensor  # (G, Pmax) N_FP(i) = sum_{j in N} H(s_j - s_i), 0 on padding
+    nbuckets: int  # K = 2 Pmax + 1
+
+
+def _bucket_negatives(lay: _Layout, delta: float) -> _Buckets:
+    """Sort the ``2P`` breakpoints, bucket every logit, and compute ``N_FP(i)`` in ``O(N log P + P log P)``.
+
+    Bucket ``k`` is ``[b_{k-1}, b_k)`` (``b_{-1} = -inf``, ``b_{2P} = +inf``). For positive ``i`` with
+    breakpoints at sorted positions ``lo_i < up_i``, ``H(s_j - s_i)`` is 0 on buckets ``<= lo_i``, linear
+    ``(s_j - s_i) / (2 delta) + 1/2`` on buckets ``lo_i + 1 .. up_i`` and 1 above, so
+    ``N_FP(i) = n_above + (sum_lin s_j - s_i n_lin) / (2 delta) + n_lin / 2`` from bucket prefix sums.
+    A logit exactly on a breakpoint may fall in either adjacent bucket: ``H`` is continuous, so both agree.
+    """
+    g, n = lay.x.shape
+    p = lay.pmax
+    k = 2 * p + 1
+    bp = torch.cat([lay.sp - delta, lay.sp + delta], 1)
+    if not lay.full:
+        bp.masked_fill_(~lay.valid.repeat(1, 2), math.inf)  # padding sorts last and is never <= a logit
+    bps = torch.sort(bp, dim=1).values
+    # sorted position of each breakpoint (the first of equal ones: buckets between equal breakpoints are
+    # empty, so any of them is as good)
+    where_sorted = torch.searchsorted(bps, bp)
+    lo, up = where_sorted[:, :p], where_sorted[:, p:]
+
+    # bucket of each logit, in [0, 2P], in the work dtype (float32 logits: breakpoints rounded to float32,
+    # which only moves logits within an ulp of a breakpoint, where H is continuous)
+    key = _count_at_or_below(bps.to(lay.x.dtype), None if lay.full else 2 * lay.npos.long(), lay.x)
+    if g > 1:
+        key += (torch.arange(g, device=bp.device, dtype=key.dtype) * k).unsqueeze(1)
+    key.masked_fill_(lay.pos, g * k)  # positives: dummy bin, excluded from the sums
+    flat = key.view(-1)
+    cnt = torch.bincount(flat, minlength=g * k + 1)
+    ssum = torch.bincount(flat, weights=lay.x.reshape(-1).to(_F64), minlength=g * k + 1)  # float64 sums
+    stats = torch.stack([cnt.to(_F64), ssum], 1)[: g * k].view(g, k, 2)  # [count, sum of logits] per bucket
+    # prefix[:, m] = totals over buckets 1 .. m-1; bucket 0 (the pruned negatives) is never read
+    prefix = F.pad(stats[:, 1:].cumsum(1), (0, 0, 2, 0))
+    enter = (lo + 1).unsqueeze(2).expand(g, p, 2)
+    leave = (up + 1).unsqueeze(2).expand(g, p, 2)
+    at_lo = prefix.gather(1, enter)
+    at_up = prefix.gather(1, leave)
+    n_lin, s_lin = (at_up - at_lo).unbind(2)
+    n_above = prefix[:, k, 0:1] - at_up[..., 0]
+    nfp = n_above + (s_lin - lay.sp * n_lin) / (2.0 * delta) + 0.5 * n_lin
+    nfp.clamp_min_(0.0)
+    if not lay.full:
+        nfp.masked_fill_(~lay.valid, 0.0)
+    return _Buckets(key, enter, leave, nfp, k)
+
+
+def _negative_update(lay: _Layout, bk: _Buckets, coef: Tensor, delta: float) -> Tensor:
+    """``u_j = sum_i coef_i H(s_j - s_i)`` for every negative ``j`` (positives get 0), as ``(G, N)``.
+
+    Inside bucket ``k`` the sum is affine, ``A_k + B_k s_j``; ``[A, B]`` are cumulative sums of a
+    difference array (positive ``i`` enters the linear part ``coef_i ((s_j - s_i) / (2 delta) + 1/2)`` at
+    bucket ``lo_i + 1`` and saturates to ``coef_i`` at ``up_i + 1``), then one gather per logit.
+    """
+    g = coef.shape[0]
+    k = bk.nbuckets
+    if not lay.full:
+        coef = coef.masked_fill(~lay.valid, 0.0)
+    lin0 = coef * (0.5 - lay.sp / (2.0 * delta))
+    slope = coef / (2.0 * delta)
+    steps = torch.stack([lin0, slope, coef - lin0, -slope], 2)  # (G, P, 4): [A, B] on entering, on leaving
+    diff = coef.new_zeros(g, k + 1, 2)
+    diff.scatter_add_(1, bk.enter, steps[..., :2]).scatter_add_(1, bk.leave, steps[..., 2:])
+    # (G*K + 1, 2) table of [A, B], the last row (zeros) is the positives' dummy bin; formed in the work
+    # dtype (float32 for float32 logits), as is the update
+    table = F.pad(diff.cumsum(1)[:, :k].reshape(-1, 2), (0, 0, 0, 1)).t().to(lay.x.dtype, copy=True)
+    key = bk.key.view(-1)
+    u = table[1].index_select(0, key)  # index_select, not table[1][key]: advanced indexing is slow
+    u.mul_(lay.x.reshape(-1)).add_(table[0].index_select(0, key)).clamp_min_(0.0)  # >= 0: terms are >= 0
+    return u.view(lay.x.shape)
+
+
+def _assemble_update(lay: _Layout, u: Tensor, g_pos: Tensor) -> Tensor:
+    """Full ``(G, N)`` update: negatives from ``u`` (filled in place), positives from the padded ``g_pos``."""
+    u.view(-1).index_copy_(0, lay.flat_pos, lay.unpad(g_pos).to(u.dtype))
+    return u
+
+
+def _row_chunks(lay: _Layout, max_chunk_bytes: int, n_live: int = 6) -> Iterator[slice]:
+    """Row blocks of the ``P x P`` work: about ``n_live`` float64 ``(G, rows, Pmax)`` fit the budget."""
+    g, p = lay.valid.shape
+    per_row = max(1, g * p * 8 * n_live)
+    step = max(1, int(max_chunk_bytes) // per_row)
+    for start in range(0, p, step):
+        yield slice(start, min(p, start + step))
+
+
+def _pair_step(lay: _Layout, rows: slice, delta: float) -> Tensor:
+    """``H[g, r, k] = H(s_k - s_i)`` for ``i = rows[r]``, 0 for padded ``k``."""
+    h = _smooth_step(lay.sp.unsqueeze(1) - lay.sp[:, rows].unsqueeze(2), delta)
+    return h if lay.full else h.mul_(lay.valid.unsqueeze(1))
+
+
+def _zero_diagonal(x: Tensor, rows: slice) -> Tensor:
+    r = torch.arange(rows.stop - rows.start, device=x.device)
+    x[:, r, r + rows.start] = 0.0
+    return x
+
+
+def _check_reduction(fn: str, reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{_HERE}:{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+
+def _group_factor(lay: _Layout, reduction: str) -> Tensor | float | None:
+    """Factor of the group sum for ``reduction`` (empty groups have value 0 and no positives).
+
+    ``"mean"``: 1 / number of groups with positives; ``"sum"``: 1; ``"none"``: ``None`` (no reduction).
+    """
+    if reduction == "none":
+        return None
+    if reduction == "sum" or lay.x.shape[0] == 1:
+        return 1.0
+    return 1.0 / (lay.npos > 0).sum().clamp_min(1).to(_F64)
+
+
+class _ErrorDriven(torch.autograd.Function):
+    """Returns precomputed per-group loss values; backward returns the precomputed error-driven update."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, values: Tensor, update: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(update)
+        ctx.in_dtype = logits.dtype
+        ctx.in_shape = logits.shape
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad_values: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (update,) = ctx.saved_tensors
+        grad = update * grad_values.to(update.dtype).unsqueeze(-1)
+        return grad.to(ctx.in_dtype).reshape(ctx.in_shape), None, None
+
+
+def _finish(
+    fn: str, logits: Tensor, lay: _Layout, values: Tensor, update: Tensor | None, reduction: str
+) -> Tensor:
+    """Wrap group values ``(G,)`` and update ``(G, N)`` into the autograd graph and apply ``reduction``."""
+    _check_reduction(fn, reduction)
+    out_dtype = torch.promote_types(logits.dtype, torch.float32)
+    factor = _group_factor(lay, reduction)
+    values = values.to(out_dtype)
+    if update is not None:
+        src = logits.unsqueeze(0) if lay.squeeze else logits
+        values = _ErrorDriven.apply(src, values, update.to(out_dtype))
+    if factor is None:
+        return values.squeeze(0) if lay.squeeze else values
+    total = values.sum()
+    return total if isinstance(factor, float) else total * factor.to(out_dtype)
+
+
+def _wants_grad(logits: Tensor) -> bool:
+    return torch.is_grad_enabled() and logits.requires_grad
+
+
+def _running_min_by_score(lay: _Layout, x: Tensor) -> Tensor:
+    """``min_{k in P, s_k <= s_i} x_k`` per group: running minimum in order of increasing score.
+
+    Tied positives share the same precision (they see the same logits), so the order among ties is moot.
+    """
+    if lay.full:
+        order = torch.argsort(lay.sp, dim=1)
+        return torch.empty_like(x).scatter_(1, order, x.gather(1, order).cummin(1).values)
+    order = torch.argsort(lay.sp.masked_fill(~lay.valid, math.inf), dim=1)  # padding last
+    run = x.masked_fill(~lay.valid, math.inf).gather(1, order).cummin(1).values
+    return torch.empty_like(x).scatter_(1, order, run).masked_fill_(~lay.valid, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AP Loss
+# ----------------------------------------------------------------------------------------------------------
+def ap_loss(
+    logits: Tensor,
+    pos_mask: Tensor,
+    delta: float = 1.0,
+    *,
+    reduction: str = "mean",
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Tensor:
+    """AP Loss with its error-driven update (Chen et al. 2019; seed eqs. 1.3-1.5).
+
+    ``rank+(i) = 1 + sum_{k in P, k != i} H(x_ik)``, ``rank(i) = rank+(i) + N_FP(i)``,
+    ``prec(i) = rank+(i) / rank(i)``; interpolated precision ``prec^(i) = max_{k in P, s_k <= s_i} prec(k)``
+    (running maximum in order of increasing score, as in the AP-Loss training code); loss
+    ``1 - mean_i prec^(i)``. Primary terms ``L_ij = (1 - prec^(i)) H(x_ij) / N_FP(i)`` (eq. 1.3 with the
+    interpolated error: for ``prec^ = prec`` this is ``H(x_ij) / rank(i)``); update (eq. 1.5)
+    ``dL/ds_i = -(1 - prec^(i)) / |P|`` for positives and ``dL/ds_j = (1/|P|) sum_i L_ij`` for negatives.
+    There are no positive-positive primary terms.
+
+    Args:
+        logits: ``(N,)`` or ``(G, N)`` logits of one or ``G`` ranking groups (any float dtype).
+        pos_mask: bool, same shape, True on positives.
+        delta: half-width of the smoothed step.
+        reduction: ``"mean"`` over groups with positives, ``"sum"`` or ``"none"`` (``(G,)``).
+        max_chunk_bytes: budget of the ``P x P`` intermediates.
+    """
+    lay = _layout("ap_loss", logits, pos_mask)
+    update = None
+    if lay.pmax == 0:
+        values = lay.sp.new_zeros(lay.x.shape[0])
+        if _wants_grad(logits):
+            update = torch.zeros_like(lay.x)
+        return _finish("ap_loss", logits, lay, values, update, reduction)
+    bk = _bucket_negatives(lay, delta)
+    # rank+(i) = 1 + sum_{k != i} H(x_ik) = 1/2 + sum_k H(x_ik), as H(x_ii) = H(0) = 1/2 exactly
+    rank_pos = torch.cat([_pair_step(lay, rows, delta).sum(-1) for rows in _row_chunks(lay, max_chunk_bytes)], 1)
+    rank = rank_pos.add_(0.5 + bk.nfp) if lay.full else (rank_pos + 0.5).masked_fill_(~lay.valid, 1.0) + bk.nfp
+    # 1 - prec^(i) = min_{s_k <= s_i} N_FP(k) / rank(k): computed as a fraction, accurate for tiny N_FP
+    err = _running_min_by_score(lay, bk.nfp / rank.clamp_min(1e-300))
+    z = lay.npos.clamp_min(1.0).unsqueeze(1)
+    values = err.sum(1) / z.squeeze(1)
+    if _wants_grad(logits):
+        coef = torch.where(bk.nfp > 0, err / bk.nfp.clamp_min(1e-300), torch.zeros_like(err)) / z
+        update = _assemble_update(lay, _negative_update(lay, bk, coef, delta), -err / z)
+    return _finish("ap_loss", logits, lay, values, update, reduction)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# aLRP Loss
+# ----------------------------------------------------------------------------------------------------------
+def _alrp_pairs(
+    lay: _Layout, bk: _Buckets, delta: float, loc_error: Tensor | None, mode: str, max_chunk_bytes: int
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``rank(i)``, ``sum_{k != i} H(x_ik) E_loc(k)`` and the raw localisation weights (``P x P`` part)."""
+    rank_pos = lay.sp.new_zeros(lay.sp.shape)
+    h_e = lay.sp.new_zeros(lay.sp.shape) if loc_error is not None else None
+    w = lay.sp.new_zeros(lay.sp.shape)
+    for rows in _row_chunks(lay, max_chunk_bytes):
+        h = _zero_diagonal(_pair_step(lay, rows, delta), rows)
+        rank_rows = 1.0 + h.sum(-1)
+        rank_pos[:, rows] = rank_rows
+        if h_e is not None:
+            h_e[:, rows] = (h * loc_error.unsqueeze(1)).sum(-1)
+        inv_rank = 1.0 / (rank_rows + bk.nfp[:, rows])
+        if mode == "sorted":
+            diff = lay.sp.unsqueeze(1) - lay.sp[:, rows].unsqueeze(2)
+            h = (diff > 0).to(_F64) + 0.5 * (diff == 0).to(_F64)
+            h = _zero_diagonal(h.mul_(lay.valid.unsqueeze(1)), rows)
+        # column sums: w_k += sum_{i in rows} H(x_ik) / rank(i)
+        w += (h * inv_rank.masked_fill(~lay.valid[:, rows], 0.0).unsqueeze(2)).sum(1)
+    rank = rank_pos + bk.nfp
+    w = (w + 1.0 / rank).masked_fill_(~lay.valid, 0.0)
+    return rank, h_e, w
+
+
+def _check_mode(fn: str, mode: str) -> None:
+    if mode not in ("sorted", "smooth"):
+        raise ValueError(f"{_HERE}:{fn}: mode must be 'sorted' or 'smooth', got {mode!r}")
+
+
+def alrp_loss(
+    logits: Tensor,
+    pos_mask: Tensor,
+    loc_error: Tensor,
+    delta: float = 1.0,
+    *,
+    eps: float = 1e-5,
+    loc_mode: str = "sorted",
+    reduction: str = "mean",
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> tuple[Tensor, Tensor]:
+    """aLRP Loss, classification part with its error-driven update, plus the localisation weights.
+
+    Oksuz et al. 2020, sec. 4: ``l_LRP(i) = [N_FP(i) + E_loc(i) + sum_{k in P, k != i} H(x_ik) E_loc(k)]
+    / rank(i)`` with ``rank(i) = 1 + sum_{k != i} H(x_ik) + N_FP(i)``, split into
+    ``L_cls = mean_i N_FP(i) / rank(i)`` (returned value) and ``L_loc`` (see :func:`alrp_loc_weights`).
+    Update: the error of positive ``i``, ``e(i) = [N_FP(i) + sum_{k != i} H(x_ik) E_loc(k)] / rank(i)``
+    (``E_loc`` detached), is pushed onto the negatives in proportion to ``H(x_ij) / N_FP(i)``:
+    ``dL/ds_i = -e(i) / |P|``, ``dL/ds_j = (1/|P|) sum_i e(i) H(x_ij) / N_FP(i)``.
+    Choice (as the reference code): a positive with ``N_FP(i) <= eps`` has no negative to push its error
+    onto and gets no update.
+
+    Args:
+        logits, pos_mask, delta, reduction, max_chunk_bytes: as :func:`ap_loss`.
+        loc_error: ``(P,)`` localisation errors ``E_loc`` of the positives in ``pos_mask.nonzero()`` order
+            (row-major for ``(G, N)``), expected in ``[0, 1]``-ish units; the reference uses
+            ``E_loc = (1 - GIoU) / (2 (1 - tau))`` with ``tau = 0.5``, i.e. ``1 - GIoU``. Treated as a
+            constant (no gradient flows into it from here).
+        eps: ``N_FP`` threshold of the update.
+        loc_mode: how :func:`alrp_loc_weights` ranks positives among themselves (``"sorted"`` default).
+
+    Returns:
+        ``(cls_loss, loc_weights)``: ``cls_loss`` reduced like ``reduction``; ``loc_weights`` ``(P,)``
+        detached, in ``pos_mask.nonzero()`` order, so that ``L_loc = (loc_weights * box_loss).sum()`` is the
+        aLRP localisation component with the same group reduction (per-group ``1/|P|`` and the
+        ``reduction`` factor included; for ``"none"`` only ``1/|P|``).
+    """
+    fn = "alrp_loss"
+    _check_mode(fn, loc_mode)
+    lay = _layout(fn, logits, pos_mask)
+    _check_per_positive(fn, "loc_error", loc_error, lay)
+    update = None
+    if lay.pmax == 0:
+        values = lay.sp.new_zeros(lay.x.shape[0])
+        if _wants_grad(logits):
+            update = torch.zeros_like(lay.x)
+        weights = loc_error.detach().new_zeros(0)
+        return _finish(fn, logits, lay, values, update, reduction), weights
+    bk = _bucket_negatives(lay, delta)
+    e_loc = lay.pad(loc_error)
+    rank, h_e, w = _alrp_pairs(lay, bk, delta, e_loc, loc_mode, max_chunk_bytes)
+    z = lay.npos.clamp_min(1.0).unsqueeze(1)
+    values = (bk.nfp / rank).masked_fill(~lay.valid, 0.0).sum(1) / z.squeeze(1)
+    if _wants_grad(logits):
+        active = lay.valid & (bk.nfp > eps)
+        err = torch.where(active, (bk.nfp + h_e) / rank, torch.zeros_like(rank))
+        coef = torch.where(active, err / bk.nfp.clamp_min(1e-300), torch.zeros_like(err)) / z
+        update = _assemble_update(lay, _negative_update(lay, bk, coef, delta), -err / z)
+    loss = _finish(fn, logits, lay, values, update, reduction)
+    return loss, _loc_weights_out(lay, w / z, reduction, loc_error.dtype)
+
+
+def _loc_weights_out(lay: _Layout, w: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
+    _check_reduction("alrp_loc_weights", reduction)
+    factor = _group_factor(lay, reduction)
+    if factor is not None and not isinstance(factor, float):
+        w = w * factor
+    return lay.unpad(w).to(torch.promote_types(dtype, torch.float32))
+
+
+def alrp_loc_weights(
+    logits: Tensor,
+    pos_mask: Tensor,
+    delta: float = 1.0,
+    *,
+    mode: str = "sorted",
+    reduction: str = "mean",
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Tensor:
+    """Per-positive weights ``w`` with ``L_loc = sum_i w_i * box_loss_i`` (aLRP localisation component).
+
+    Oksuz et al. 2020, sec. 4: ``L_loc = (1/|P|) sum_i [E_loc(i) + sum_{k != i} H'(x_ik) E_loc(k)] / rank(i)``
+    with ``rank(i)`` and the pairwise relation detached, so the box losses are weighted through the ranking:
+    ``w_k = (1/|P|) [1 / rank(k) + sum_{i != k} H'(s_k - s_i) / rank(i)]``. ``rank(i)`` is the smoothed
+    rank of the classification part (``H`` with ``delta``). ``H'`` (the choice left open by the papers):
+
+    * ``mode="sorted"`` (default; the reference code): the hard step ``[s_k > s_i]`` (ties 1/2), i.e. sort
+      positives by score, cumulative sums of the box losses divided by the detached rank, mean;
+    * ``mode="smooth"``: the smoothed ``H`` of the paper's formula, so the weights sum to ``1 - L_cls``.
+
+    Returns ``(P,)`` detached weights in ``pos_mask.nonzero()`` order, including the per-group ``1/|P|`` and
+    the ``reduction`` factor.
+    """
+    fn = "alrp_loc_weights"
+    _check_mode(fn, mode)
+    lay = _layout(fn, logits, pos_mask)
+    if lay.pmax == 0:
+        return lay.x.new_zeros(0)
+    bk = _bucket_negatives(lay, delta)
+    _, _, w = _alrp_pairs(lay, bk, delta, None, mode, max_chunk_bytes)
+    return _loc_weights_out(lay, w / lay.npos.clamp_min(1.0).unsqueeze(1), reduction, logits.dtype)
+
+
+class SelfBalance:
+    """aLRP self-balance weight ``w_SB`` of ``L = L_cls + w_SB * L_loc`` (Oksuz et al. 2020, sec. 4.3).
+
+    Starts at ``init`` (50, as the paper). Call :meth:`update` every iteration with the (unweighted) values
+    of ``L_cls`` and ``L_loc`` and then :meth:`step`; every ``period`` updates ``step`` sets
+    ``w_SB = (mean L_loc + mean L_cls) / mean L_loc`` over the window and starts a new window. The means are
+    all-reduced across processes when ``torch.distributed`` is initialised (the reference keeps them per
+    process), so every process holds the same weight. Values are accumulated as float64 tensors on their own
+    device (no host sync per iteration). Save :meth:`state_dict` in checkpoints.
+    """
+
+    def __init__(self, init: float = 50.0, period: int = 1000) -> None:
+        if period < 1:
+            raise ValueError(f"{_HERE}:SelfBalance: period must be >= 1, got {period}")
+        self.weight = float(init)
+        self.period = int(period)
+        self.count = 0
+        self._sums: Tensor | None = None  # [sum L_cls, sum L_loc]
+
+    def update(self, cls_value: Tensor | float, loc_value: Tensor | float) -> None:
+        """Accumulate one iteration's ``L_cls`` and ``L_loc`` (detached)."""
+        ref = cls_value if isinstance(cls_value, Tensor) else loc_value
+        device = ref.device if isinstance(ref, Tensor) else torch.device("cpu")
+        pair = torch.stack([torch.as_tensor(v, dtype=_F64, device=device).detach().reshape(())
+                            for v in (cls_value, loc_value)])
+        self._sums = pair if self._sums is None else self._sums + pair.to(self._sums.device)
+        self.count += 1
+
+    def step(self) -> bool:
+        """Re-estimate ``w_SB`` if ``period`` updates were accumulated; returns whether it did."""
+        if self.count < self.period:
+            return False
+        sums = self._sums if self._sums is not None else torch.zeros(2, dtype=_F64)
+        stats = torch.cat([sums, sums.new_tensor([float(self.count)])])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_backend() == "nccl" and stats.device.type != "cuda":
+                stats = stats.cuda()
+            torch.distributed.all_reduce(stats)
+        mean_cls, mean_loc = (stats[:2] / stats[2]).tolist()
+        if mean_loc > 0.0 and math.isfinite(mean_cls) and math.isfinite(mean_loc):
+            self.weight = (mean_loc + mean_cls) / mean_loc
+        self.count = 0
+        self._sums = None
+        return True
+
+    def state_dict(self) -> dict:
+        sums = [0.0, 0.0] if self._sums is None else self._sums.tolist()
+        return {"weight": self.weight, "period": self.period, "count": self.count,
+                "sum_cls": sums[0], "sum_loc": sums[1]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weight = float(state["weight"])
+        self.period = int(state["period"])
+        self.count = int(state["count"])
+        self._sums = torch.tensor([state["sum_cls"], state["sum_loc"]], dtype=_F64) if self.count else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RS Loss
+# ----------------------------------------------------------------------------------------------------------
+def rs_loss(
+    logits: Tensor,
+    pos_mask: Tensor,
+    ious: Tensor,
+    delta: float = 0.5,
+    *,
+    eps: float = 1e-10,
+    reduction: str = "mean",
+    return_parts: bool = False,
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """Rank & Sort Loss with its error-driven update (Oksuz et al. 2021; seed eqs. 2.20-2.22).
+
+    ``rank+(i) = sum_{k in P} H(x_ik)`` (``k = i`` included, so it counts 1/2 with the smoothed step, as the
+    RS paper/code), ``rank(i) = rank+(i) + N_FP(i)``. Ranking error ``l_R(i) = N_FP(i) / rank(i)`` (target 0);
+    sorting error ``l_S(i) = sum_{k in P} H(x_ik) (1 - y_k) / rank+(i)`` with target
+    ``l_S*(i) = sum_k H(x_ik) [y_k >= y_i] (1 - y_k) / sum_k H(x_ik) [y_k >= y_i]``. Loss
+    ``(1/|P|) sum_i [l_R(i) + l_S(i) - l_S*(i)]`` (eq. 2.20 minus its target). Update (eqs. 2.21-2.22):
+    ranking: ``-l_R(i)`` on positive ``i`` and ``+l_R(i) H(x_ij) / N_FP(i)`` on negatives (if
+    ``N_FP(i) > eps``); sorting: ``-(l_S(i) - l_S*(i))`` on ``i`` and
+    ``+(l_S(i) - l_S*(i)) H(x_ik) [y_k < y_i] / sum_m H(x_im) [y_m < y_i]`` on positives ``k`` (if that sum
+    is ``> eps``); all divided by ``|P|``.
+
+    Args:
+        logits, pos_mask, reduction, max_chunk_bytes: as :func:`ap_loss`; a positive with IoU 0 stays a
+            positive (the mask, not the IoU, decides).
+        ious: ``(P,)`` quality targets ``y`` in ``[0, 1]`` (IoU of each positive's predicted box with its
+            ground truth, detached), in ``pos_mask.nonzero()`` order.
+        delta: half-width of the smoothed step (0.5 in the RS paper).
+        eps: thresholds of the two updates (reference code value).
+        return_parts: also return the detached ranking and sorting parts (same reduction).
+    """
+    fn = "rs_loss"
+    lay = _layout(fn, logits, pos_mask)
+    _check_per_positive(fn, "ious", ious, lay)
+    g = lay.x.shape[0]
+    update = None
+    if lay.pmax == 0:
+        zeros = lay.sp.new_zeros(g)
+        if _wants_grad(logits):
+            update = torch.zeros_like(lay.x)
+        loss = _finish(fn, logits, lay, zeros, update, reduction)
+        if return_parts:
+            part = _finish(fn, logits.detach(), lay, zeros, None, reduction)
+            return loss, part, part.clone()
+        return loss
+    bk = _bucket_negatives(lay, delta)
+    y = lay.pad(ious)
+    one_minus_y = (1.0 - y).masked_fill_(~lay.valid, 0.0)
+    rank_pos = lay.sp.new_zeros(lay.sp.shape)
+    sort_err = lay.sp.new_zeros(lay.sp.shape)
+    g_sort = lay.sp.new_zeros(lay.sp.shape)  # sorting update, before the 1/|P|
+    for rows in _row_chunks(lay, max_chunk_bytes, n_live=8):
+        h = _pair_step(lay, rows, delta)  # H(s_k - s_i), self included (1/2)
+        rp = h.sum(-1)
+        rank_pos[:, rows] = rp
+        l_s = (h * one_minus_y.unsqueeze(1)).sum(-1) / rp.clamp_min(1e-300)
+        ht = h * (y.unsqueeze(1) >= y[:, rows].unsqueeze(2))
+        l_s_star = (ht * one_minus_y.unsqueeze(1)).sum(-1) / ht.sum(-1).clamp_min(1e-300)
+        err = (l_s - l_s_star).masked_fill_(~lay.valid[:, rows], 0.0)
+        sort_err[:, rows] = err
+        missorted = h.sub_(ht)  # H(x_ik) [y_k < y_i]
+        denom = missorted.sum(-1)
+        active = lay.valid[:, rows] & (denom > eps)
+        err_act = torch.where(active, err, torch.zeros_like(err))
+        g_sort[:, rows] -= err_act
+        g_sort += (missorted * (err_act / denom.clamp_min(1e-300)).unsqueeze(2)).sum(1)
+    rank = rank_pos + bk.nfp
+    l_r = (bk.nfp / rank.clamp_min(1e-300)).masked_fill_(~lay.valid, 0.0)
+    z = lay.npos.clamp_min(1.0).unsqueeze(1)
+    rank_part = l_r.sum(1) / z.squeeze(1)
+    sort_part = sort_err.sum(1) / z.squeeze(1)
+    if _wants_grad(logits):
+        active = lay.valid & (bk.nfp > eps)
+        l_r_act = torch.where(active, l_r, torch.zeros_like(l_r))
+        coef = torch.where(active, 1.0 / rank.clamp_min(1e-300), torch.zeros_like(l_r)) / z  # l_R / N_FP
+        update = _assemble_update(lay, _negative_update(lay, bk, coef, delta), (g_sort - l_r_act) / z)
+    loss = _finish(fn, logits, lay, rank_part + sort_part, update, reduction)
+    if return_parts:
+        return (loss, _finish(fn, logits.detach(), lay, rank_part, None, reduction),
+                _finish(fn, logits.detach(), lay, sort_part, None, reduction))
+    return loss
+
+
+def rs_box_weights(query_logits: Tensor, eps: float = 1e-10) -> Tensor:
+    """Detached RS box-loss weights: each positive's top score, normalised to sum 1 (RS paper sec. 4).
+
+    ``query_logits``: ``(P, K)`` class logits of the matched queries (or ``(P,)`` already-reduced logits).
+    ``w_i = sigmoid(max_c s_ic) / sum_k sigmoid(max_c s_kc)``; if the sum is ``<= eps`` the raw scores are
+    returned (the reference code's guard: divide by 1). ``L_box = sum_i w_i box_loss_i``.
+    """
+    top = query_logits.detach()
+    if top.dim() == 2:
+        top = top.max(dim=-1).values
+    top = top.float().sigmoid()
+    total = top.sum()
+    return top / torch.where(total > eps, total, torch.ones_like(total))
+
+
+def balance_by_value(box_loss: Tensor, reference: Tensor, eps: float = 1e-12) -> Tensor:
+    """``box_loss * reference / box_loss`` with both values detached (RS value-based balancing).
+
+    Gives the box loss the value of ``reference`` (e.g. ``L_R + L_S``) while keeping its own gradient
+    direction. Guard: if ``box_loss <= eps`` the factor is 0 (a vanishing box loss carries no signal).
+    """
+    b = box_loss.detach()
+    factor = torch.where(b > eps, reference.detach().to(b.dtype) / b.clamp_min(eps), torch.zeros_like(b))
+    return box_loss * factor
