@@ -21,7 +21,7 @@ def head_type(cfg: Config) -> str:
 
 def build_model(cfg: Config, num_classes: int) -> DETR:
     m = cfg.model
-    backbone = build_backbone(m.backbone, m.pretrained, m.backbone_weights)
+    backbone = build_backbone(m.backbone, m.pretrained, m.backbone_weights, tiny_widths=tuple(m.tiny_widths))
     transformer = Transformer(m.hidden_dim, m.nheads, m.enc_layers, m.dec_layers, m.dim_feedforward, m.dropout)
     return DETR(backbone, transformer, num_classes, m.num_queries, m.aux_loss, sigmoid=head_type(cfg) == "sigmoid")
 

@@ -51,6 +51,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "tiny"  # tiny | any timm ResNet name, e.g. resnet50
+    tiny_widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # tiny: one stride-2 stage each
     pretrained: bool = False  # timm download of the backbone weights (needs the network)
     backbone_weights: str | None = None  # local weights file for the backbone (offline use)
     hidden_dim: int = 256

@@ -218,6 +218,23 @@ def test_alrp_sorted_weights_match_sort_cumsum(seed):
     torch.testing.assert_close(w2, w_ref, **TOL)
 
 
+def test_alrp_sorted_weights_ties_average_both_orders():
+    """Tied positives (choice: the hard step counts a tie 1/2) get the mean of the two tie-break orders."""
+    s, pos, _, e_loc = make_case(4)
+    pidx = pos.nonzero().flatten()
+    assert s[pidx[0]] == s[pidx[1]]  # make_case's positive tie
+    box = torch.rand(len(pidx), dtype=F64, requires_grad=True)
+    orders = []
+    for eps in (1e-9, -1e-9):  # break the tie both ways, far below any other gap
+        s2 = s.clone()
+        s2[pidx[0]] += eps
+        _, _, ref_loc = ref_alrp(s2, pos, e_loc, 1.0)
+        orders.append(torch.autograd.grad(ref_loc["sorted"](box), box)[0])
+    w = alrp_loc_weights(s, pos)
+    torch.testing.assert_close(w, (orders[0] + orders[1]) / 2, **TOL)
+    assert not torch.allclose(orders[0], orders[1])
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("delta", [0.5, 1.0])
 def test_rs_matches_loop_reference(seed, delta):
@@ -328,6 +345,43 @@ def test_groups_match_separate_calls(name):
         torch.testing.assert_close(grad[g], gg * gout[g], **TOL)
     mean = _call(name, s, pos)
     torch.testing.assert_close(mean, vals.mean(), **TOL)
+    torch.testing.assert_close(_call(name, s, pos, reduction="sum"), vals.sum(), **TOL)
+
+
+def test_alrp_grouped_loc_weights():
+    """Per-group weights are each group's own weights, times 1/(groups with positives) for 'mean'."""
+    cases = [make_case(k, n=120, p=6 + 3 * k) for k in range(3)]
+    s = torch.stack([c[0] for c in cases])
+    pos = torch.stack([c[1] for c in cases])
+    e_loc = torch.cat([c[3] for c in cases])
+    for mode in ("sorted", "smooth"):
+        _, w = alrp_loss(s, pos, e_loc, loc_mode=mode)
+        _, w_none = alrp_loss(s, pos, e_loc, loc_mode=mode, reduction="none")
+        singles = torch.cat([alrp_loss(c[0], c[1], c[3], loc_mode=mode)[1] for c in cases])
+        torch.testing.assert_close(w, singles / 3, **TOL)
+        torch.testing.assert_close(w_none, singles, **TOL)
+        torch.testing.assert_close(alrp_loc_weights(s, pos, mode=mode), w, **TOL)
+
+
+@pytest.mark.parametrize("name", ["ap", "alrp", "rs"])
+def test_binary_search_path_matches_reference(name, monkeypatch):
+    """The bucketing used on CUDA (torch.searchsorted) gives the same losses and updates on CPU."""
+    original = ranking._bucket_index
+    monkeypatch.setattr(ranking, "_bucket_index", lambda b, n, s: original(b, n, s, force_search=True))
+    s, pos, y, e_loc = make_case(11)
+    x = s.clone().requires_grad_(True)
+    if name == "ap":
+        ref_loss, ref_grad = ref_ap(s, pos, 1.0)
+        loss = ap_loss(x, pos)
+    elif name == "alrp":
+        ref_loss, ref_grad, _ = ref_alrp(s, pos, e_loc, 1.0)
+        loss = alrp_loss(x, pos, e_loc)[0]
+    else:
+        ref_loss, ref_grad = ref_rs(s, pos, y, 0.5)
+        loss = rs_loss(x, pos, y)
+    loss.backward()
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    torch.testing.assert_close(x.grad, ref_grad, **TOL)
 
 
 def test_per_image_vs_per_batch_hand_example():
@@ -391,17 +445,21 @@ def test_grid_bucketing_equals_searchsorted(seed):
     s = torch.randn(groups, 500, generator=g, dtype=F64) * 3
     s[:, : 2 * p] = torch.where(torch.isfinite(bps), bps, 0.0)  # exactly on breakpoints
     s[:, 2 * p : 4 * p] = torch.nextafter(s[:, : 2 * p], torch.tensor(-math.inf, dtype=F64))  # just below
-    ref = torch.searchsorted(bps, s, right=True)
-    torch.testing.assert_close(ranking._count_at_or_below(bps, nfin, s).long(), ref, rtol=0, atol=0)
-    full = bps[:2, : 2 * p - 4].contiguous()  # rows without padding: the nfinite=None path
-    ref = torch.searchsorted(full, s[:2].contiguous(), right=True)
-    torch.testing.assert_close(ranking._count_at_or_below(full, None, s[:2]).long(), ref, rtol=0, atol=0)
+    check_bucket_index(bps, nfin, s)
+    check_bucket_index(bps[:2, : 2 * p - 4].contiguous(), None, s[:2].contiguous())  # no padding
     many = bps.clone()
-    many[0, :8] = many[0, 0]  # > 8 breakpoints in one cell: falls back to the binary search
-    many[0, 8:12] = many[0, 0]
-    many = torch.sort(many, 1).values
-    ref = torch.searchsorted(many, s, right=True)
-    torch.testing.assert_close(ranking._count_at_or_below(many, nfin, s).long(), ref, rtol=0, atol=0)
+    many[0, :12] = many[0, 0]  # > 8 breakpoints in one cell: falls back to the binary search
+    check_bucket_index(torch.sort(many, 1).values, nfin, s)
+
+
+def check_bucket_index(bps, nfin, s):
+    key, stride = ranking._bucket_index(bps, nfin, s)
+    ref = torch.searchsorted(bps, s, right=True)
+    assert stride >= bps.shape[1] + 1
+    offsets = torch.arange(bps.shape[0]).unsqueeze(1) * stride
+    torch.testing.assert_close(key.long(), ref + offsets, rtol=0, atol=0)
+    key2, stride2 = ranking._bucket_index(bps, nfin, s, force_search=True)
+    torch.testing.assert_close(key2.long(), ref + torch.arange(bps.shape[0]).unsqueeze(1) * stride2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -437,6 +495,8 @@ def test_input_errors_name_the_file():
         ap_loss(s, (s > 0).float())
     with pytest.raises(ValueError, match="reduction"):
         ap_loss(s, s > 0, reduction="avg")
+    with pytest.raises(ValueError, match="ranking.py:rs_loss: delta"):
+        rs_loss(s, s > 0, torch.zeros(int((s > 0).sum())), delta=0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -262,10 +262,11 @@ def main() -> None:
         ("B8 Q300 per-batch early", 8, 300, 80, 7, "batch", "early"),
         ("B8 Q300 per-image", 8, 300, 80, 7, "image", "trained"),
     ]
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {args.dtype}, "
-          f"median of {args.repeats}")
-    header = (f"{'device':6} {'setting':26} {'loss':5} {'P':>4} {'N':>7} {'kept':>6} {'vec ms':>8} "
-              f"{'loop ms':>8} {'speedup':>7} {'max|dv|':>8} {'max|dg|':>8} {'vec MB':>7} {'loop MB':>7}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {args.dtype}, median of {args.repeats}")
+    header = (
+        f"{'device':6} {'setting':26} {'loss':5} {'P':>4} {'N':>7} {'kept@1':>6} {'vec ms':>8} "
+        f"{'loop ms':>8} {'speedup':>7} {'max|dv|':>8} {'max|dg|':>8} {'vec MB':>7} {'loop MB':>7}"
+    )
     print(header)
     for device in devices:
         for name, b, q, k, ppi, grouping, spread in settings:
@@ -276,8 +277,10 @@ def main() -> None:
             kept = float(((~pos) & (logits >= fg_min - 1.0)).sum()) / float((~pos).sum())
             for kind in ("ap", "alrp", "rs"):
                 row = measure(kind, device, logits, pos, ious, e_loc, box, args.repeats, not args.no_memory)
-                print(f"{device.type:6} {name:26} {kind:5} {int(pos.sum()):4d} {logits.numel():7d} "
-                      f"{kept:6.1%} {row}", flush=True)
+                print(
+                    f"{device.type:6} {name:26} {kind:5} {int(pos.sum()):4d} {logits.numel():7d} {kept:6.1%} {row}",
+                    flush=True,
+                )
 
 
 def measure(kind, device, logits, pos, ious, e_loc, box, repeats, memory) -> str:
@@ -294,8 +297,8 @@ def measure(kind, device, logits, pos, ious, e_loc, box, repeats, memory) -> str
     dv = abs(float(v1) - float(v2))
     t_vec, t_loop = paired_median_ms([vec, loop], device, repeats)
     mem = (f"{peak_mb(vec, device):7.2f}", f"{peak_mb(loop, device):7.2f}") if memory else ("-", "-")
-    return (f"{t_vec:8.3f} {t_loop:8.3f} {t_loop / t_vec:6.1f}x {dv:8.1e} {dg:8.1e} "
-            f"{mem[0]:>7} {mem[1]:>7}")
+    return f"{t_vec:8.3f} {t_loop:8.3f} {t_loop / t_vec:6.1f}x {dv:8.1e} {dg:8.1e} {mem[0]:>7} {mem[1]:>7}"
+
 
 if __name__ == "__main__":
     main()

@@ -5,8 +5,8 @@ Sources (``seed`` = ``000_8c158015f19ac4ee.txt`` of the project's seeds):
 * AP Loss: Chen et al., "Towards Accurate One-Stage Object Detection with AP-Loss", CVPR 2019;
   seed sec. 1.1.1, eqs. 1.3-1.5 (primary terms ``L_ij``, update ``dL/ds_k = (1/|P|) sum_j (L_jk - L_kj)``).
 * aLRP Loss: Oksuz et al., "A Ranking-based, Balanced Loss Function Unifying Classification and
-  Localisation in Object Detection", NeurIPS 2020 (sec. 4: ``l_LRP(i)``, its classification/localisation
-  split, the ranking-based update and self-balance); seed sec. 2.2.2.3.
+  Localisation in Object Detection", NeurIPS 2020 (``l_LRP(i)``, its classification/localisation split,
+  the ranking-based update, self-balance) and its public code; seed sec. 2.2.2.3.
 * RS Loss: Oksuz et al., "Rank & Sort Loss for Object Detection and Instance Segmentation", ICCV 2021;
   seed sec. 2.1.3, eqs. 2.20-2.22.
 
@@ -17,16 +17,19 @@ Every loss is an autograd Function whose backward is the *error-driven update* (
 ``H``): each positive ``i`` has an error that is pushed back onto the logits that cause it, and the update
 of a group sums to zero over its logits. Updates are divided by ``Z = |P|`` of the group.
 
-Algorithm (exact, no ``P x N`` matrix). ``H(s_j - s_i)`` is piecewise linear in ``s_j`` with breakpoints
-``s_i - delta`` and ``s_i + delta``. The ``2P`` breakpoints of a group are sorted and every logit is put in
-its bucket with ``torch.searchsorted`` (``O(N log P)``). Per-bucket negative counts and logit sums
-(``bincount`` in float64) and their prefix sums give every ``N_FP(i)`` in ``O(P)``; every negative's
-update is ``A_k + B_k * s_j`` inside its bucket ``k``, with ``A, B`` built from difference arrays over the
-buckets (``O(P)``) and applied with one gather (``O(N)``). Bucket 0 holds exactly the negatives below
-``min_i s_i - delta``: it has ``A_0 = B_0 = 0``, which is the exact pruning of the papers. The
-positive-positive terms are ``P x P`` and are computed in row chunks bounded by ``max_chunk_bytes``.
-Internally everything is float64 (logit casts included), so fp16/bf16/fp32 inputs are handled the same way;
-losses come back in ``promote(dtype, float32)`` and the update in the dtype of the logits.
+Algorithm (exact, no ``P x N`` matrix, ``O(N log P + P^2)``). ``H(s_j - s_i)`` is piecewise linear in
+``s_j`` with breakpoints ``s_i - delta`` and ``s_i + delta``. The ``2P`` breakpoints of a group are sorted
+and every logit is put in its bucket between consecutive breakpoints (``torch.searchsorted`` on CUDA; an
+exact grid lookup on CPU, where binary search is slow, see :func:`_bucket_index`). Per-bucket negative
+counts and logit sums (``bincount``, float64) and their prefix sums give every ``N_FP(i)`` in ``O(P)``;
+every negative's update is ``A_k + B_k * s_j`` inside its bucket ``k``, with ``A, B`` built from a
+difference array over the buckets and applied with one gather per logit. Bucket 0 holds exactly the
+negatives below ``min_i s_i - delta``: ``A_0 = B_0 = 0``, which is the papers' exact pruning. The
+positive-positive terms are ``P x P`` (float64), computed in row chunks whose intermediates stay within
+``max_chunk_bytes``. Per-logit work is done in ``promote(dtype, float32)`` (fp16/bf16 logits are cast up),
+per-positive work and bucket sums in float64; losses are returned in ``promote(dtype, float32)`` and the
+update in the logits' dtype. One host sync per call for one group, two for several (the numbers of
+positives fix the shapes), plus one on CPU for the grid.
 
 Ranking groups: every loss takes ``logits`` of shape ``(N,)`` (one group) or ``(G, N)`` (``G`` groups,
 e.g. ``pred_logits.flatten(1)`` for per-image grouping, ``pred_logits.reshape(1, -1)`` for per-batch
@@ -43,6 +46,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -72,7 +76,7 @@ def _smooth_step(x: Tensor, delta: float) -> Tensor:
 
 @dataclass
 class _Layout:
-    """Groups of a call: float64 logits, masks, and the positives gathered into a padded ``(G, Pmax)``."""
+    """Groups of a call: detached logits, masks, and the positives gathered into a padded ``(G, Pmax)``."""
 
     x: Tensor  # (G, N) detached logits in the work dtype promote(dtype, float32): the update's dtype
     pos: Tensor  # (G, N) bool
@@ -101,15 +105,15 @@ class _Layout:
         return flat if self.full else flat.index_select(0, self.flat_slot)
 
 
-def _layout(fn: str, logits: Tensor, pos_mask: Tensor) -> _Layout:
+def _layout(fn: str, logits: Tensor, pos_mask: Tensor, delta: float) -> _Layout:
+    if not delta > 0:
+        raise ValueError(f"{_HERE}:{fn}: delta must be > 0, got {delta}")
     if not torch.is_floating_point(logits):
         raise TypeError(f"{_HERE}:{fn}: logits must be floating point, got {logits.dtype}")
     if logits.dim() not in (1, 2):
         raise ValueError(f"{_HERE}:{fn}: logits must be (N,) or (G, N), got {tuple(logits.shape)}")
     if pos_mask.shape != logits.shape:
-        raise ValueError(
-            f"{_HERE}:{fn}: pos_mask {tuple(pos_mask.shape)} must match logits {tuple(logits.shape)}"
-        )
+        raise ValueError(f"{_HERE}:{fn}: pos_mask {tuple(pos_mask.shape)} must match logits {tuple(logits.shape)}")
     if pos_mask.dtype != torch.bool:
         raise TypeError(f"{_HERE}:{fn}: pos_mask must be a bool tensor, got {pos_mask.dtype}")
     squeeze = logits.dim() == 1
@@ -121,14 +125,14 @@ def _layout(fn: str, logits: Tensor, pos_mask: Tensor) -> _Layout:
         x, pos = x.unsqueeze(0), pos.unsqueeze(0)
     g, n = x.shape
     gi, ni = pos.nonzero(as_tuple=True)  # row-major: gi is sorted
-    npos = gi.numel()  # the one host sync (nonzero): shapes depend on it
+    npos = gi.numel()  # host sync (nonzero; with G > 1 also Pmax): the shapes depend on it
     if g == 1:
         counts = torch.full((1,), npos, dtype=torch.long, device=x.device)
         pmax = npos
         slot = flat_slot = torch.arange(npos, device=x.device)
         flat_pos = ni
         valid = torch.ones(1, npos, dtype=torch.bool, device=x.device)
-        sp = x.view(-1).index_select(0, ni).to(_F64).unsqueeze(0)
+        sp = x.reshape(-1).index_select(0, ni).to(_F64).unsqueeze(0)
     else:
         counts = torch.bincount(gi, minlength=g)
         pmax = int(counts.max()) if npos else 0
@@ -156,10 +160,11 @@ _GRID_CELLS_PER_BREAKPOINT = 16
 _GRID_MAX_PER_CELL = 8
 
 
-def _count_at_or_below(bps: Tensor, nfinite: Tensor | None, s: Tensor, force_search: bool = False) -> Tensor:
-    """``#{m : bps[g, m] <= s[g, j]}`` (int32), rows ``bps`` ascending, the first ``nfinite[g]`` finite.
+def _bucket_index(bps: Tensor, nfinite: Tensor | None, s: Tensor, force_search: bool = False) -> tuple[Tensor, int]:
+    """Bucket of every logit: ``key = g * stride + #{m : bps[g, m] <= s[g, j]}`` (int32) and ``stride``.
 
-    ``nfinite=None``: all breakpoints are finite.
+    Rows of ``bps`` are ascending with their first ``nfinite[g]`` entries finite (``None``: all finite), the
+    rest ``+inf``; ``stride >= 2P + 1`` (buckets beyond ``2P`` stay empty).
     On CUDA this is ``torch.searchsorted``. On CPU a binary search over random logits is dominated by branch
     mispredictions (measured 5-15 ms for 192k logits), so each group gets a uniform grid of ``M`` cells over
     ``[b_first, b_last]`` with ``cell(x) = clamp(floor((x - b_first) * M / span), 0, M - 1)``. ``cell`` is
@@ -168,14 +173,21 @@ def _count_at_or_below(bps: Tensor, nfinite: Tensor | None, s: Tensor, force_sea
     number of breakpoints in earlier cells (a table lookup) plus exact comparisons with the ``T`` breakpoints
     from the start of ``s``'s cell on (``T`` = most breakpoints in one cell; those of later cells compare
     False). ``M`` is chosen so that distinct breakpoints usually get their own cell (``T = 1``), within a
-    table budget of about ``N / 2`` entries. Exact; falls back to the binary search when more than 8
+    table budget of about ``N / 4`` entries. Exact; falls back to the binary search when more than 8
     breakpoints share a cell.
     """
-    if force_search or s.device.type != "cpu":
-        return torch.searchsorted(bps, s, right=True, out_int32=True)
     g, b = bps.shape
     n = s.shape[1]
     i32 = torch.int32
+
+    def search() -> tuple[Tensor, int]:
+        key = torch.searchsorted(bps, s, right=True, out_int32=True)
+        if g > 1:
+            key += (torch.arange(g, device=s.device, dtype=i32) * (b + 1)).unsqueeze(1)
+        return key, b + 1
+
+    if force_search or s.device.type != "cpu":
+        return search()
     full = nfinite is None  # every breakpoint finite (e.g. one group): skip the padding masks
     gaps = bps.diff(dim=1)
     if full:
@@ -191,7 +203,7 @@ def _count_at_or_below(bps: Tensor, nfinite: Tensor | None, s: Tensor, force_sea
     span_max, gap_min = torch.stack([span.max(), gaps.min() if gaps.numel() else span.max()]).tolist()
     m = _GRID_CELLS_PER_BREAKPOINT * b
     if 0.0 < gap_min < math.inf and span_max > 0.0:
-        m = int(min(max(m, 2.0 * span_max / gap_min + 1.0), max(m, n // (2 * g))))
+        m = int(min(max(m, 2.0 * span_max / gap_min + 1.0), max(m, n // (4 * g))))
     scale = (m / span).nan_to_num_(0.0, 0.0, 0.0)  # span 0 (no breakpoint): every logit in cell 0
 
     def cell(x: Tensor) -> Tensor:  # the same float operations for breakpoints and logits
@@ -207,25 +219,25 @@ def _count_at_or_below(bps: Tensor, nfinite: Tensor | None, s: Tensor, force_sea
     per_cell = torch.bincount(bcell.view(-1), minlength=g * (m + 1)).view(g, m + 1)
     t_max = int(per_cell[:, :m].max())
     if t_max > _GRID_MAX_PER_CELL:
-        return torch.searchsorted(bps, s, right=True, out_int32=True)
-    before = F.pad(per_cell.cumsum(1), (1, 0))[:, : m + 1].to(i32)  # breakpoints in cells < c
+        return search()
+    stride = b + max(t_max, 1)  # rows of the padded breakpoints; also the bucket stride of the groups
+    # before[g, c] = g * stride + number of breakpoints of group g in cells < c
+    before = F.pad(per_cell.cumsum(1), (1, 0))[:, : m + 1]
+    if g > 1:
+        before = before + (torch.arange(g, device=s.device) * stride).unsqueeze(1)
     cs = cell(s)
     if g > 1:
         cs += (torch.arange(g, device=s.device, dtype=i32) * (m + 1)).unsqueeze(1)
-    base = before.reshape(-1).index_select(0, cs.view(-1))  # index of the first breakpoint of s's cell
+    key = before.to(i32).reshape(-1).index_select(0, cs.view(-1))  # first breakpoint of s's cell
     del cs
     if t_max:
-        padded = F.pad(bps, (0, t_max), value=math.inf).reshape(-1)  # base + t stays inside its row
-        idx = base
-        if g > 1:
-            row = torch.arange(g, device=s.device, dtype=i32) * (b + t_max)
-            idx = (base.view(g, n) + row.unsqueeze(1)).view(-1)
+        padded = F.pad(bps, (0, stride - b), value=math.inf).reshape(-1)  # key + t stays inside its row
         flat_s = s.reshape(-1)
-        # T (usually 1) passes, not a loop over positives; all comparisons first since idx may alias base
-        hits = [padded.index_select(0, idx + t if t else idx) <= flat_s for t in range(t_max)]
+        # T (usually 1) passes, not a loop over positives; all comparisons first, then the counts
+        hits = [padded.index_select(0, key + t if t else key) <= flat_s for t in range(t_max)]
         for hit in hits:
-            base += hit
-    return base.view(g, n)
+            key += hit
+    return key.view(g, n), stride
 
 
 @dataclass
@@ -236,7 +248,7 @@ class _Buckets:
     enter: Tensor  # (G, Pmax, 2) first linear bucket of positive i (lo_i + 1), twice (for 2-column gathers)
     leave: Tensor  # (G, Pmax, 2) first saturated bucket of positive i (up_i + 1), twice
     nfp: Tensor  # (G, Pmax) N_FP(i) = sum_{j in N} H(s_j - s_i), 0 on padding
-    nbuckets: int  # K = 2 Pmax + 1
+    nbuckets: int  # K >= 2 Pmax + 1, the bucket stride of the groups (buckets beyond 2 Pmax are empty)
 
 
 def _bucket_negatives(lay: _Layout, delta: float) -> _Buckets:
@@ -250,7 +262,6 @@ def _bucket_negatives(lay: _Layout, delta: float) -> _Buckets:
     """
     g, n = lay.x.shape
     p = lay.pmax
-    k = 2 * p + 1
     bp = torch.cat([lay.sp - delta, lay.sp + delta], 1)
     if not lay.full:
         bp.masked_fill_(~lay.valid.repeat(1, 2), math.inf)  # padding sorts last and is never <= a logit
@@ -262,9 +273,7 @@ def _bucket_negatives(lay: _Layout, delta: float) -> _Buckets:
 
     # bucket of each logit, in [0, 2P], in the work dtype (float32 logits: breakpoints rounded to float32,
     # which only moves logits within an ulp of a breakpoint, where H is continuous)
-    key = _count_at_or_below(bps.to(lay.x.dtype), None if lay.full else 2 * lay.npos.long(), lay.x)
-    if g > 1:
-        key += (torch.arange(g, device=bp.device, dtype=key.dtype) * k).unsqueeze(1)
+    key, k = _bucket_index(bps.to(lay.x.dtype), None if lay.full else 2 * lay.npos.long(), lay.x)
     key.masked_fill_(lay.pos, g * k)  # positives: dummy bin, excluded from the sums
     flat = key.view(-1)
     cnt = torch.bincount(flat, minlength=g * k + 1)
@@ -277,7 +286,7 @@ def _bucket_negatives(lay: _Layout, delta: float) -> _Buckets:
     at_lo = prefix.gather(1, enter)
     at_up = prefix.gather(1, leave)
     n_lin, s_lin = (at_up - at_lo).unbind(2)
-    n_above = prefix[:, k, 0:1] - at_up[..., 0]
+    n_above = prefix[:, k, 0:1] - at_up[..., 0]  # prefix[:, k]: all buckets of the group
     nfp = n_above + (s_lin - lay.sp * n_lin) / (2.0 * delta) + 0.5 * n_lin
     nfp.clamp_min_(0.0)
     if not lay.full:
@@ -371,9 +380,7 @@ class _ErrorDriven(torch.autograd.Function):
         return grad.to(ctx.in_dtype).reshape(ctx.in_shape), None, None
 
 
-def _finish(
-    fn: str, logits: Tensor, lay: _Layout, values: Tensor, update: Tensor | None, reduction: str
-) -> Tensor:
+def _finish(fn: str, logits: Tensor, lay: _Layout, values: Tensor, update: Tensor | None, reduction: str) -> Tensor:
     """Wrap group values ``(G,)`` and update ``(G, N)`` into the autograd graph and apply ``reduction``."""
     _check_reduction(fn, reduction)
     out_dtype = torch.promote_types(logits.dtype, torch.float32)
@@ -433,7 +440,7 @@ def ap_loss(
         reduction: ``"mean"`` over groups with positives, ``"sum"`` or ``"none"`` (``(G,)``).
         max_chunk_bytes: budget of the ``P x P`` intermediates.
     """
-    lay = _layout("ap_loss", logits, pos_mask)
+    lay = _layout("ap_loss", logits, pos_mask, delta)
     update = None
     if lay.pmax == 0:
         values = lay.sp.new_zeros(lay.x.shape[0])
@@ -442,7 +449,8 @@ def ap_loss(
         return _finish("ap_loss", logits, lay, values, update, reduction)
     bk = _bucket_negatives(lay, delta)
     # rank+(i) = 1 + sum_{k != i} H(x_ik) = 1/2 + sum_k H(x_ik), as H(x_ii) = H(0) = 1/2 exactly
-    rank_pos = torch.cat([_pair_step(lay, rows, delta).sum(-1) for rows in _row_chunks(lay, max_chunk_bytes)], 1)
+    chunks = [_pair_step(lay, rows, delta).sum(-1) for rows in _row_chunks(lay, max_chunk_bytes)]
+    rank_pos = chunks[0] if len(chunks) == 1 else torch.cat(chunks, 1)
     rank = rank_pos.add_(0.5 + bk.nfp) if lay.full else (rank_pos + 0.5).masked_fill_(~lay.valid, 1.0) + bk.nfp
     # 1 - prec^(i) = min_{s_k <= s_i} N_FP(k) / rank(k): computed as a fraction, accurate for tiny N_FP
     err = _running_min_by_score(lay, bk.nfp / rank.clamp_min(1e-300))
@@ -500,7 +508,7 @@ def alrp_loss(
 ) -> tuple[Tensor, Tensor]:
     """aLRP Loss, classification part with its error-driven update, plus the localisation weights.
 
-    Oksuz et al. 2020, sec. 4: ``l_LRP(i) = [N_FP(i) + E_loc(i) + sum_{k in P, k != i} H(x_ik) E_loc(k)]
+    Oksuz et al. 2020 (aLRP Loss): ``l_LRP(i) = [N_FP(i) + E_loc(i) + sum_{k in P, k != i} H(x_ik) E_loc(k)]
     / rank(i)`` with ``rank(i) = 1 + sum_{k != i} H(x_ik) + N_FP(i)``, split into
     ``L_cls = mean_i N_FP(i) / rank(i)`` (returned value) and ``L_loc`` (see :func:`alrp_loc_weights`).
     Update: the error of positive ``i``, ``e(i) = [N_FP(i) + sum_{k != i} H(x_ik) E_loc(k)] / rank(i)``
@@ -526,7 +534,7 @@ def alrp_loss(
     """
     fn = "alrp_loss"
     _check_mode(fn, loc_mode)
-    lay = _layout(fn, logits, pos_mask)
+    lay = _layout(fn, logits, pos_mask, delta)
     _check_per_positive(fn, "loc_error", loc_error, lay)
     update = None
     if lay.pmax == 0:
@@ -568,7 +576,7 @@ def alrp_loc_weights(
 ) -> Tensor:
     """Per-positive weights ``w`` with ``L_loc = sum_i w_i * box_loss_i`` (aLRP localisation component).
 
-    Oksuz et al. 2020, sec. 4: ``L_loc = (1/|P|) sum_i [E_loc(i) + sum_{k != i} H'(x_ik) E_loc(k)] / rank(i)``
+    Oksuz et al. 2020: ``L_loc = (1/|P|) sum_i [E_loc(i) + sum_{k != i} H'(x_ik) E_loc(k)] / rank(i)``
     with ``rank(i)`` and the pairwise relation detached, so the box losses are weighted through the ranking:
     ``w_k = (1/|P|) [1 / rank(k) + sum_{i != k} H'(s_k - s_i) / rank(i)]``. ``rank(i)`` is the smoothed
     rank of the classification part (``H`` with ``delta``). ``H'`` (the choice left open by the papers):
@@ -582,7 +590,7 @@ def alrp_loc_weights(
     """
     fn = "alrp_loc_weights"
     _check_mode(fn, mode)
-    lay = _layout(fn, logits, pos_mask)
+    lay = _layout(fn, logits, pos_mask, delta)
     if lay.pmax == 0:
         return lay.x.new_zeros(0)
     bk = _bucket_negatives(lay, delta)
@@ -591,7 +599,7 @@ def alrp_loc_weights(
 
 
 class SelfBalance:
-    """aLRP self-balance weight ``w_SB`` of ``L = L_cls + w_SB * L_loc`` (Oksuz et al. 2020, sec. 4.3).
+    """aLRP self-balance weight ``w_SB`` of ``L = L_cls + w_SB * L_loc`` (Oksuz et al. 2020, self-balance).
 
     Starts at ``init`` (50, as the paper). Call :meth:`update` every iteration with the (unweighted) values
     of ``L_cls`` and ``L_loc`` and then :meth:`step`; every ``period`` updates ``step`` sets
@@ -613,8 +621,9 @@ class SelfBalance:
         """Accumulate one iteration's ``L_cls`` and ``L_loc`` (detached)."""
         ref = cls_value if isinstance(cls_value, Tensor) else loc_value
         device = ref.device if isinstance(ref, Tensor) else torch.device("cpu")
-        pair = torch.stack([torch.as_tensor(v, dtype=_F64, device=device).detach().reshape(())
-                            for v in (cls_value, loc_value)])
+        pair = torch.stack(
+            [torch.as_tensor(v, dtype=_F64, device=device).detach().reshape(()) for v in (cls_value, loc_value)]
+        )
         self._sums = pair if self._sums is None else self._sums + pair.to(self._sums.device)
         self.count += 1
 
@@ -624,10 +633,10 @@ class SelfBalance:
             return False
         sums = self._sums if self._sums is not None else torch.zeros(2, dtype=_F64)
         stats = torch.cat([sums, sums.new_tensor([float(self.count)])])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_backend() == "nccl" and stats.device.type != "cuda":
+        if dist.is_available() and dist.is_initialized():
+            if dist.get_backend() == "nccl" and stats.device.type != "cuda":
                 stats = stats.cuda()
-            torch.distributed.all_reduce(stats)
+            dist.all_reduce(stats)  # sums and counts of all processes: global means
         mean_cls, mean_loc = (stats[:2] / stats[2]).tolist()
         if mean_loc > 0.0 and math.isfinite(mean_cls) and math.isfinite(mean_loc):
             self.weight = (mean_loc + mean_cls) / mean_loc
@@ -637,8 +646,13 @@ class SelfBalance:
 
     def state_dict(self) -> dict:
         sums = [0.0, 0.0] if self._sums is None else self._sums.tolist()
-        return {"weight": self.weight, "period": self.period, "count": self.count,
-                "sum_cls": sums[0], "sum_loc": sums[1]}
+        return {
+            "weight": self.weight,
+            "period": self.period,
+            "count": self.count,
+            "sum_cls": sums[0],
+            "sum_loc": sums[1],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.weight = float(state["weight"])
@@ -683,7 +697,7 @@ def rs_loss(
         return_parts: also return the detached ranking and sorting parts (same reduction).
     """
     fn = "rs_loss"
-    lay = _layout(fn, logits, pos_mask)
+    lay = _layout(fn, logits, pos_mask, delta)
     _check_per_positive(fn, "ious", ious, lay)
     g = lay.x.shape[0]
     update = None
@@ -729,13 +743,16 @@ def rs_loss(
         update = _assemble_update(lay, _negative_update(lay, bk, coef, delta), (g_sort - l_r_act) / z)
     loss = _finish(fn, logits, lay, rank_part + sort_part, update, reduction)
     if return_parts:
-        return (loss, _finish(fn, logits.detach(), lay, rank_part, None, reduction),
-                _finish(fn, logits.detach(), lay, sort_part, None, reduction))
+        return (
+            loss,
+            _finish(fn, logits.detach(), lay, rank_part, None, reduction),
+            _finish(fn, logits.detach(), lay, sort_part, None, reduction),
+        )
     return loss
 
 
 def rs_box_weights(query_logits: Tensor, eps: float = 1e-10) -> Tensor:
-    """Detached RS box-loss weights: each positive's top score, normalised to sum 1 (RS paper sec. 4).
+    """Detached RS box-loss weights: each positive's top score, normalised to sum 1 (RS paper and code).
 
     ``query_logits``: ``(P, K)`` class logits of the matched queries (or ``(P,)`` already-reduced logits).
     ``w_i = sigmoid(max_c s_ic) / sum_k sigmoid(max_c s_kc)``; if the sum is ``<= eps`` the raw scores are

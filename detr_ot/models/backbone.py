@@ -166,9 +166,15 @@ def _hub_unreachable(host: str = "huggingface.co", timeout: float = 3.0) -> str 
     return None
 
 
-def build_backbone(name: str, pretrained: bool = False, weights: str | None = None, train: bool = True) -> Backbone:
+def build_backbone(
+    name: str,
+    pretrained: bool = False,
+    weights: str | None = None,
+    train: bool = True,
+    tiny_widths: tuple[int, ...] = (32, 64, 128, 256),
+) -> Backbone:
     if name == "tiny":
-        return tiny_backbone()
+        return tiny_backbone(tuple(tiny_widths))
     return timm_backbone(name, pretrained, weights, train)
 
 
