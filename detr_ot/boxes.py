@@ -24,7 +24,14 @@ def pairwise_giou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     return _batched_giou(boxes1, boxes2)
 
 
-def _batched_giou(b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+def pairwise_iou_giou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(IoU, GIoU), each (B, N, M), between xyxy boxes (B, N, 4) and (B, M, 4), sharing the intersection."""
+    return _batched_giou(boxes1, boxes2, with_iou=True)  # type: ignore[return-value]
+
+
+def _batched_giou(
+    b1: torch.Tensor, b2: torch.Tensor, with_iou: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     area1 = (b1[..., 2] - b1[..., 0]) * (b1[..., 3] - b1[..., 1])
     area2 = (b2[..., 2] - b2[..., 0]) * (b2[..., 3] - b2[..., 1])
     lt = torch.maximum(b1[:, :, None, :2], b2[:, None, :, :2])
@@ -35,4 +42,5 @@ def _batched_giou(b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
     lt_c = torch.minimum(b1[:, :, None, :2], b2[:, None, :, :2])
     rb_c = torch.maximum(b1[:, :, None, 2:], b2[:, None, :, 2:])
     hull = (rb_c - lt_c).clamp(min=0).prod(-1)
-    return iou - (hull - union) / hull
+    giou = iou - (hull - union) / hull
+    return (iou, giou) if with_iou else giou

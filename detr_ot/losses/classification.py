@@ -8,16 +8,29 @@ or carrying a Generalized-Update gradient).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
-from detr_ot.matching import Assignment, PaddedTargets
+from detr_ot.matching import Assignment, PaddedTargets, PairwiseTerms
 from detr_ot.registry import Registry
 
 CLASSIFICATION_LOSSES: Registry[ClassificationLoss] = Registry("classification loss")
+
+
+@dataclass
+class BoxReweighting:
+    """How a classification loss re-weights the box losses (ranking losses do; ce/focal do not).
+
+    ``pair_weights`` (B x Q x M, detached) replaces ``S / num_boxes`` in ``sum S_ij l_box_ij / num_boxes``;
+    ``scale`` (a detached scalar) multiplies both box terms (e.g. RS's balance by value, aLRP's w_SB).
+    """
+
+    pair_weights: torch.Tensor
+    scale: torch.Tensor | float = 1.0
 
 
 class ClassificationLoss(nn.Module):
@@ -34,8 +47,15 @@ class ClassificationLoss(nn.Module):
         self.options = options
 
     def forward(
-        self, logits: torch.Tensor, assignment: Assignment, targets: PaddedTargets, num_boxes: float
-    ) -> torch.Tensor:
+        self,
+        logits: torch.Tensor,
+        assignment: Assignment,
+        targets: PaddedTargets,
+        num_boxes: float,
+        terms: PairwiseTerms | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, BoxReweighting]:
+        """The classification loss; a loss that also re-weights the box losses returns
+        ``(loss, BoxReweighting)``. ``terms`` are the layer's pairwise terms (IoU/GIoU of every pair)."""
         raise NotImplementedError
 
 
@@ -50,7 +70,12 @@ class PairwiseClassificationLoss(ClassificationLoss):
         return num_boxes
 
     def forward(
-        self, logits: torch.Tensor, assignment: Assignment, targets: PaddedTargets, num_boxes: float
+        self,
+        logits: torch.Tensor,
+        assignment: Assignment,
+        targets: PaddedTargets,
+        num_boxes: float,
+        terms: PairwiseTerms | None = None,
     ) -> torch.Tensor:
         l_pair, l_bg = self.pairwise(logits, targets.labels)
         l_pair = l_pair.masked_fill(~targets.mask[:, None, :], 0.0)

@@ -49,11 +49,16 @@ class SetCriterion(nn.Module):
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         terms = compute_pairwise_terms(logits, boxes.float(), targets, self.class_cost)
         assignment = self.matcher(terms)
-        to_gt = assignment.to_gt
+        loss_cls = self.cls_loss(logits, assignment, targets, num_boxes, terms=terms)
+        if isinstance(loss_cls, tuple):  # ranking losses re-weight the box losses (RS, aLRP)
+            loss_cls, reweight = loss_cls
+            weights, scale = reweight.pair_weights, reweight.scale
+        else:
+            weights, scale = assignment.to_gt / num_boxes, 1.0
         losses = {
-            "loss_cls": self.cls_loss(logits, assignment, targets, num_boxes),
-            "loss_bbox": (to_gt * terms.l1).sum() / num_boxes,
-            "loss_giou": (to_gt * (1 - terms.giou) * targets.mask[:, None, :]).sum() / num_boxes,
+            "loss_cls": loss_cls,
+            "loss_bbox": (weights * terms.l1).sum() * scale,
+            "loss_giou": (weights * (1 - terms.giou) * targets.mask[:, None, :]).sum() * scale,
         }
         return losses, assignment
 

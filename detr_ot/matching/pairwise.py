@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from detr_ot.boxes import cxcywh_to_xyxy, pairwise_giou
+from detr_ot.boxes import cxcywh_to_xyxy, pairwise_iou_giou
 
 
 class NonFiniteCostError(FloatingPointError):
@@ -54,7 +54,8 @@ class PairwiseTerms:
     """Query x ground-truth terms of one decoder layer (all B x Q x M, padded columns hold zeros).
 
     ``l1``: L1 distance of cxcywh boxes (summed over the 4 coordinates); ``giou``: generalised IoU;
-    ``class_cost``: the matcher's class term (DETR: ``-p_i(c_j)``; focal-style for sigmoid heads).
+    ``class_cost``: the matcher's class term (DETR: ``-p_i(c_j)``; focal-style for sigmoid heads);
+    ``iou``: plain IoU (box quality targets of ranking losses).
     None of them is detached: the matcher decides whether its cost carries a gradient.
     """
 
@@ -63,6 +64,7 @@ class PairwiseTerms:
     class_cost: torch.Tensor
     gt_mask: torch.Tensor
     image_ids: list[int]
+    iou: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -103,7 +105,7 @@ def compute_pairwise_terms(
     """L1, GIoU and the class cost between every query and every ground truth of its image."""
     gt_boxes = targets.boxes.to(pred_boxes.dtype)
     l1 = (pred_boxes[:, :, None, :] - gt_boxes[:, None, :, :]).abs().sum(-1)
-    giou = pairwise_giou(cxcywh_to_xyxy(pred_boxes), cxcywh_to_xyxy(gt_boxes))
+    iou, giou = pairwise_iou_giou(cxcywh_to_xyxy(pred_boxes), cxcywh_to_xyxy(gt_boxes))
     cls = class_cost_term(pred_logits, targets.labels, class_cost)
     keep = targets.mask[:, None, :]
     zero = torch.zeros((), dtype=l1.dtype, device=l1.device)
@@ -113,6 +115,7 @@ def compute_pairwise_terms(
         class_cost=torch.where(keep, cls.to(l1.dtype), zero),
         gt_mask=targets.mask,
         image_ids=targets.image_ids,
+        iou=torch.where(keep, iou, zero),
     )
 
 

@@ -1,0 +1,174 @@
+"""AP, aLRP and RS Loss as DETR classification losses (``loss.cls=ap|alrp|rs``).
+
+The losses themselves (values and error-driven updates) are in :mod:`detr_ot.losses.ranking`; this module
+turns an :class:`~detr_ot.matching.Assignment` into their inputs and wires their box-loss weighting into
+the set criterion.
+
+Positives: for every matched (query, ground truth) pair, the sigmoid logit of the ground truth's class
+(a soft plan uses each query's largest column); every other (query, class) logit is a negative. Ranking
+groups: the whole batch of the process (``group: batch``, default) or each image (``group: image``); each
+decoder layer is its own group set, matched on its own.
+
+Matching with ranking losses. Ranking losses are invariant to a common shift of the logits, so the
+sigmoid probabilities that DETR's (and the focal) matching cost reads are not calibrated. The default adds
+a small auxiliary sigmoid focal term (``aux_focal``, weight 0.1 of the classification loss) that keeps the
+logits calibrated, and matches with the focal class cost. ``aux_focal: 0`` with ``matcher.class_cost=logit``
+is the pure alternative. (Design choice of this toolkit, not of the papers.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchvision.ops import sigmoid_focal_loss
+
+from detr_ot.losses import ranking
+from detr_ot.losses.classification import CLASSIFICATION_LOSSES, BoxReweighting, ClassificationLoss
+from detr_ot.matching import Assignment, PaddedTargets, PairwiseTerms
+
+
+@dataclass
+class RankingOptions:
+    """Config keys ``loss.<ap|alrp|rs>.<field>``: ``delta`` of the smoothed step, ``group`` (batch | image),
+    ``aux_focal`` weight of the calibrating focal term, ``max_chunk_mb`` bound on P x P intermediates."""
+
+    delta: float = 1.0
+    group: str = "batch"
+    aux_focal: float = 0.1
+    max_chunk_mb: int = 256
+
+    def __post_init__(self) -> None:
+        if self.group not in ("batch", "image"):
+            raise ValueError(f"group={self.group!r}: use batch or image")
+        if self.delta <= 0:
+            raise ValueError(f"delta={self.delta} must be > 0")
+
+
+@dataclass
+class RSOptions(RankingOptions):
+    delta: float = 0.5
+
+
+@dataclass
+class ALRPOptions(RankingOptions):
+    """Plus the self-balance weight: initial ``sb_init`` (50), re-estimated every ``sb_period`` iterations."""
+
+    sb_init: float = 50.0
+    sb_period: int = 1000
+
+
+class _PositivesMixin:
+    """Positives, grouping and the auxiliary focal term shared by the three losses."""
+
+    options: RankingOptions
+
+    def positives(
+        self, logits: torch.Tensor, assignment: Assignment, targets: PaddedTargets
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pos_mask B x Q x K, batch idx, query idx, gt idx) with the pairs in row-major (b, q) order."""
+        b, q, g = assignment.matched_pairs()
+        order = torch.argsort(b * logits.shape[1] + q)
+        b, q, g = b[order], q[order], g[order]
+        pos = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        pos[b, q, targets.labels[b, g]] = True
+        return pos, b, q, g
+
+    def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(1, -1) if self.options.group == "batch" else x.flatten(1)
+
+    def aux_focal_term(self, logits: torch.Tensor, pos: torch.Tensor, num_boxes: float) -> torch.Tensor:
+        if self.options.aux_focal <= 0:
+            return logits.sum() * 0.0
+        focal = sigmoid_focal_loss(logits.float(), pos.float(), 0.25, 2.0, reduction="sum") / num_boxes
+        return self.options.aux_focal * focal
+
+    def pair_weights(self, like: torch.Tensor, b: torch.Tensor, q: torch.Tensor, g: torch.Tensor,
+                     w: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(like)
+        out[b, q, g] = w.to(out.dtype)
+        return out
+
+
+@CLASSIFICATION_LOSSES.register("ap", options=RankingOptions)
+class APLoss(_PositivesMixin, ClassificationLoss):
+    """AP Loss (Chen et al., CVPR 2019; 000_8c158015f19ac4ee.txt eqs. 1.3-1.5) on the sigmoid logits, with
+    its error-driven update. Box losses stay DETR's."""
+
+    head = "sigmoid"
+    class_cost = "focal"
+
+    def __init__(self, loss_cfg: object, num_classes: int, options: RankingOptions | None = None) -> None:
+        super().__init__(loss_cfg, num_classes, options or RankingOptions())
+
+    def forward(self, logits: torch.Tensor, assignment: Assignment, targets: PaddedTargets, num_boxes: float,
+                terms: PairwiseTerms | None = None) -> torch.Tensor:
+        pos, *_ = self.positives(logits, assignment, targets)
+        loss = ranking.ap_loss(self.grouped(logits), self.grouped(pos), self.options.delta,
+                               max_chunk_bytes=self.options.max_chunk_mb * 2**20)
+        return loss + self.aux_focal_term(logits, pos, num_boxes)
+
+
+@CLASSIFICATION_LOSSES.register("rs", options=RSOptions)
+class RSLoss(_PositivesMixin, ClassificationLoss):
+    """RS Loss (Oksuz et al., ICCV 2021; 000_8c158015f19ac4ee.txt eqs. 2.20-2.22): ranking plus sorting by
+    the (detached) IoU of each positive's box. Box losses are weighted per positive by its detached top
+    score (normalised to sum 1) and balanced by value: ``L_box <- L_box * L_RS / L_box`` (detached ratio)."""
+
+    head = "sigmoid"
+    class_cost = "focal"
+
+    def __init__(self, loss_cfg: object, num_classes: int, options: RSOptions | None = None) -> None:
+        super().__init__(loss_cfg, num_classes, options or RSOptions())
+
+    def forward(self, logits: torch.Tensor, assignment: Assignment, targets: PaddedTargets, num_boxes: float,
+                terms: PairwiseTerms | None = None) -> tuple[torch.Tensor, BoxReweighting]:
+        assert terms is not None and terms.iou is not None, "RS Loss needs the pairwise IoU"
+        pos, b, q, g = self.positives(logits, assignment, targets)
+        ious = terms.iou[b, q, g].detach().clamp(0, 1)
+        loss = ranking.rs_loss(self.grouped(logits), self.grouped(pos), ious, self.options.delta,
+                               max_chunk_bytes=self.options.max_chunk_mb * 2**20)
+        w = ranking.rs_box_weights(logits[b, q])
+        weights = self.pair_weights(terms.l1, b, q, g, w)
+        cfg = self.cfg
+        box = (weights * (cfg.bbox_weight * terms.l1 + cfg.giou_weight * (1 - terms.giou))).sum().detach()
+        scale = torch.where(box > 1e-12, loss.detach() / box.clamp(min=1e-12), torch.zeros_like(box))
+        return loss + self.aux_focal_term(logits, pos, num_boxes), BoxReweighting(weights, scale)
+
+
+@CLASSIFICATION_LOSSES.register("alrp", options=ALRPOptions)
+class ALRPLoss(_PositivesMixin, ClassificationLoss):
+    """aLRP Loss (Oksuz et al., NeurIPS 2020; 000_8c158015f19ac4ee.txt sec. 2.2.2.3): the classification part
+    with its error-driven update, and the localisation part ``L_loc = sum_i w_i E_loc(i)`` with the ranking
+    weights ``w_i``, scaled by the self-balance weight ``w_SB`` (averaged across processes, saved in
+    checkpoints). ``E_loc`` is the box loss of the positive, ``(w_bbox L1 + w_giou (1 - GIoU)) / (w_bbox +
+    2 w_giou)`` so it lies in about [0, 1]; the classification part uses ``(1 - GIoU) / 2`` as the paper."""
+
+    head = "sigmoid"
+    class_cost = "focal"
+
+    def __init__(self, loss_cfg: object, num_classes: int, options: ALRPOptions | None = None) -> None:
+        super().__init__(loss_cfg, num_classes, options or ALRPOptions())
+        self.balance = ranking.SelfBalance(self.options.sb_init, self.options.sb_period)
+
+    def get_extra_state(self) -> dict:
+        return self.balance.state_dict()
+
+    def set_extra_state(self, state: dict) -> None:
+        self.balance.load_state_dict(state)
+
+    def forward(self, logits: torch.Tensor, assignment: Assignment, targets: PaddedTargets, num_boxes: float,
+                terms: PairwiseTerms | None = None) -> tuple[torch.Tensor, BoxReweighting]:
+        assert terms is not None, "aLRP Loss needs the pairwise GIoU"
+        pos, b, q, g = self.positives(logits, assignment, targets)
+        loc_error = ((1 - terms.giou[b, q, g]) / 2).detach()
+        loss, w = ranking.alrp_loss(self.grouped(logits), self.grouped(pos), loc_error, self.options.delta,
+                                    max_chunk_bytes=self.options.max_chunk_mb * 2**20)
+        weights = self.pair_weights(terms.l1, b, q, g, w.detach())
+        cfg = self.cfg
+        norm = cfg.bbox_weight + 2 * cfg.giou_weight
+        loc = (weights * (cfg.bbox_weight * terms.l1 + cfg.giou_weight * (1 - terms.giou))).sum().detach() / norm
+        if self.training and torch.is_grad_enabled():
+            self.balance.update(loss.detach(), loc)
+            self.balance.step()
+        return loss + self.aux_focal_term(logits, pos, num_boxes), BoxReweighting(weights, self.balance.weight / norm)
