@@ -6,11 +6,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 from detr_ot.data.shapes import ensure_shapes_dataset
 
@@ -88,3 +89,13 @@ def tiny(shapes_root: Path, tmp_path: Path) -> Callable[..., list[str]]:
         return tiny_overrides(shapes_root, out if out is not None else tmp_path / "run", *extra, epochs=epochs)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Run a module's training tests on one torch thread: on a busy 2-core machine, two intra-op threads
+    thrash and make tiny steps about ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -41,12 +41,7 @@ BOX_SPREAD = 0.3
 LOSS_TERMS = ["loss", "loss_cls", "loss_bbox", "loss_giou", "class_error", "cardinality_error"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():  # noqa: ANN202
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def file_digest(path: Path) -> str:

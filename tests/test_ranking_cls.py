@@ -15,13 +15,7 @@ from detr_ot.engine.checkpoint import load_checkpoint
 from detr_ot.engine.trainer import run
 from detr_ot.losses import ranking
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # noqa: ANN202
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def batch(gen: torch.Generator) -> tuple[dict, list[dict]]:
