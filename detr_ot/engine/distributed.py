@@ -61,10 +61,28 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     return dict(zip(keys, t.tolist(), strict=True))
 
 
-def global_num_boxes(local: int, device: torch.device) -> float:
-    """DETR's box-count normaliser: the number of target boxes averaged over processes, at least 1."""
-    n = torch.tensor(float(local), device=device)
+def global_num_boxes(local: int | float, device: torch.device) -> float:
+    """This process's share of DETR's box-count normaliser (Carion et al., ECCV 2020, Sec. 3.1 and their
+    ``SetCriterion``): ``max(N, 1) / world_size``, with ``N`` the number of target boxes summed over processes.
+
+    DDP averages gradients over the W processes, so the per-process losses ``sum_local / (max(N, 1) / W)``
+    average to the single-process loss of the whole batch ``sum_all / max(N, 1)``, gradients included, for any
+    split of the boxes over processes (tests/test_distributed.py). DETR's own code clamps after dividing,
+    ``max(N / W, 1)``, which is W times too small a gradient when ``0 < N < W``."""
+    n = torch.tensor(float(local), dtype=torch.float64, device=device)
     if is_dist():
         tdist.all_reduce(n)
-        n = n / world_size()
-    return max(float(n), 1.0)
+    return max(float(n), 1.0) / world_size()
+
+
+def global_normalizer(local: torch.Tensor) -> torch.Tensor:
+    """The distributed form of a loss normaliser ``Z`` summed over the batch (e.g. cross-entropy's weighted
+    query count): ``Z_all / world_size``, detached, with ``Z_all`` the sum over processes. Dividing each
+    process's summed loss by it makes DDP's gradient average equal the single-process ``sum_all / Z_all``;
+    dividing by the local ``Z`` instead does not when the processes' ``Z`` differ. Identity with one process."""
+    z = local.detach()
+    if not is_dist():
+        return z
+    z = z.clone()
+    tdist.all_reduce(z)
+    return z / world_size()

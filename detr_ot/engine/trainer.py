@@ -16,12 +16,12 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from detr_ot.build import build_criterion, build_model, build_optimizer, build_postprocess, build_scheduler
-from detr_ot.config import Config, dump_config, to_dict
+from detr_ot.config import Config, ConfigError, dump_config, to_dict
 from detr_ot.data.build import build_dataset, build_loader, seed_loader_epoch
 from detr_ot.engine import distributed as dist
 from detr_ot.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from detr_ot.engine.logger import RunLogger
-from detr_ot.evaluation.coco_evaluator import CocoEvaluator
+from detr_ot.evaluation.coco_evaluator import DEFAULT_BACKEND, CocoEvaluator, check_backend
 from detr_ot.losses.criterion import SetCriterion
 from detr_ot.models.postprocess import PostProcess
 
@@ -148,11 +148,12 @@ def evaluate(
     loader: Iterable,
     dataset: Any,
     device: torch.device,
-    backend: str = "pycocotools",
+    backend: str = DEFAULT_BACKEND,
     progress: bool = True,
 ) -> tuple[dict[str, float], list[float], CocoEvaluator]:
     """Inference over ``loader`` (a shard of the dataset per process), the test losses, and COCO bbox
-    evaluation merged over processes (each image counted once). Returns (mean losses, 12 stats, evaluator)."""
+    evaluation merged over processes (each image counted once, see ``CocoEvaluator.evaluate_distributed``).
+    Returns (mean losses, 12 stats on every rank, evaluator: on rank 0 it holds every image's detections)."""
     model.eval()
     if criterion is not None:
         criterion.eval()
@@ -166,12 +167,7 @@ def evaluate(
         orig_sizes = torch.stack([t["orig_size"] for t in targets])
         results = postprocess(outputs, orig_sizes)
         evaluator.update({int(t["image_id"]): r for t, r in zip(targets, results, strict=True)})
-    evaluator.synchronize()
-    coco_stats = evaluator.evaluate() if dist.is_main() else [0.0] * 12
-    if dist.is_dist():
-        box = [coco_stats]
-        torch.distributed.broadcast_object_list(box, src=0)
-        coco_stats = box[0]
+    coco_stats = evaluator.evaluate_distributed()
     return dist.all_reduce_mean(stats.means(), device), coco_stats, evaluator
 
 
@@ -235,12 +231,16 @@ def run(cfg: Config, resume: str | None = None, eval_only: bool = False, progres
         )
 
     world, rank = dist.world_size(), dist.rank()
+    try:  # a bad backend fails now, not after the first training epoch
+        check_backend(cfg.train.eval_backend)
+    except (ValueError, ImportError) as err:
+        raise ConfigError(f"train.eval_backend: {err}") from err
     val_sampler = DistributedSampler(val_set, num_replicas=world, rank=rank, shuffle=False)
     val_loader = build_loader(val_set, cfg.data.eval_batch_size, False, cfg.data.num_workers, sampler=val_sampler)
 
     if eval_only:
         test_stats, coco_stats, evaluator = evaluate(model, criterion, postprocess, val_loader, val_set, device,
-                                                     progress=progress)
+                                                     cfg.train.eval_backend, progress=progress)
         if dist.is_main():
             evaluator.dump(out / "detections.json")
         return {"test_coco_eval_bbox": coco_stats, **{f"test_{k}": v for k, v in test_stats.items()}}
@@ -269,7 +269,7 @@ def run(cfg: Config, resume: str | None = None, eval_only: bool = False, progres
         last = epoch == cfg.train.epochs - 1
         if last or (epoch + 1) % max(cfg.train.eval_interval, 1) == 0:
             test_stats, coco_stats, _ = evaluate(model, criterion, postprocess, val_loader, val_set, device,
-                                                 progress=progress)
+                                                 cfg.train.eval_backend, progress=progress)
             record.update({f"test_{k}": v for k, v in test_stats.items()})
             record["test_coco_eval_bbox"] = coco_stats
         epoch_time = time.time() - t0
