@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 BACKENDS = ("pycocotools", "faster_coco_eval")
-DEFAULT_BACKEND = "pycocotools"
+DEFAULT_BACKEND = "faster_coco_eval"
 NUM_STATS = 12
 _COLS = 6  # x, y, w, h, score, category_id
 
