@@ -23,7 +23,10 @@ def build_model(cfg: Config, num_classes: int) -> DETR:
     m = cfg.model
     backbone = build_backbone(m.backbone, m.pretrained, m.backbone_weights, tiny_widths=tuple(m.tiny_widths))
     transformer = Transformer(m.hidden_dim, m.nheads, m.enc_layers, m.dec_layers, m.dim_feedforward, m.dropout)
-    return DETR(backbone, transformer, num_classes, m.num_queries, m.aux_loss, sigmoid=head_type(cfg) == "sigmoid")
+    return DETR(
+        backbone, transformer, num_classes, m.num_queries, m.aux_loss,
+        sigmoid=head_type(cfg) == "sigmoid", query_type=m.query_type, anchor_sigma=m.anchor_sigma,
+    )
 
 
 def _options(registry, name: str, given: dict):  # noqa: ANN001, ANN202

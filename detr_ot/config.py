@@ -61,6 +61,8 @@ class ModelConfig:
     dim_feedforward: int = 2048
     dropout: float = 0.1
     num_queries: int = 100
+    query_type: str = "learned"  # learned (DETR) | anchor (anchor boxes refined per layer, DAB-DETR)
+    anchor_sigma: float = 0.0  # anchor queries: Gaussian attention prior, std = sigma * anchor w/h (0: none)
     aux_loss: bool = True
     head: str = "auto"  # auto | softmax | sigmoid  (auto: what the classification loss needs)
 

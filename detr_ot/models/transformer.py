@@ -5,6 +5,7 @@ auxiliary losses."""
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -50,10 +51,16 @@ class DecoderLayer(nn.Module):
         pos: torch.Tensor,
         query_pos: torch.Tensor,
         memory_key_padding_mask: torch.Tensor,
+        cross_attn_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``cross_attn_bias`` (B * nhead, Q, HW), optional: added to the cross-attention logits; it must then
+        already hold -inf on the padded keys (``memory_key_padding_mask`` is not applied on top)."""
         q = k = tgt + query_pos
         tgt = self.norm1(tgt + self.drop1(self.self_attn(q, k, tgt)[0]))
-        attn = self.cross_attn(tgt + query_pos, memory + pos, memory, key_padding_mask=memory_key_padding_mask)[0]
+        if cross_attn_bias is None:
+            attn = self.cross_attn(tgt + query_pos, memory + pos, memory, key_padding_mask=memory_key_padding_mask)[0]
+        else:
+            attn = self.cross_attn(tgt + query_pos, memory + pos, memory, attn_mask=cross_attn_bias)[0]
         tgt = self.norm2(tgt + self.drop2(attn))
         return self.norm3(tgt + self.drop3(self.ffn(tgt)))
 
@@ -81,21 +88,65 @@ class Transformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(
-        self, src: torch.Tensor, mask: torch.Tensor, query_embed: torch.Tensor, pos: torch.Tensor
-    ) -> torch.Tensor:
-        """src (B,C,H,W), mask (B,H,W) True on padding, query_embed (Q,C), pos (B,C,H,W) ->
-        decoder states of every layer (L,B,Q,C), normalised by the shared final LayerNorm."""
-        b = src.shape[0]
+    def encode(self, src: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """src (B,C,H,W), mask (B,H,W) True on padding, pos (B,C,H,W) -> (memory (B,HW,C), pos (B,HW,C),
+        key padding mask (B,HW))."""
         memory = src.flatten(2).transpose(1, 2)
         pos = pos.flatten(2).transpose(1, 2)
         key_mask = mask.flatten(1)
         for layer in self.encoder:
             memory = layer(memory, pos, key_mask)
-        query_pos = query_embed[None].expand(b, -1, -1)
+        return memory, pos, key_mask
+
+    def forward(
+        self, src: torch.Tensor, mask: torch.Tensor, query_embed: torch.Tensor, pos: torch.Tensor
+    ) -> torch.Tensor:
+        """DETR's decoding with learned query embeddings ``query_embed`` (Q,C) as positional queries ->
+        decoder states of every layer (L,B,Q,C), normalised by the shared final LayerNorm."""
+        memory, pos, key_mask = self.encode(src, mask, pos)
+        query_pos = query_embed[None].expand(src.shape[0], -1, -1)
         tgt = torch.zeros_like(query_pos)
         states = []
         for layer in self.decoder:
             tgt = layer(tgt, memory, pos, query_pos, key_mask)
             states.append(self.decoder_norm(tgt))
         return torch.stack(states)
+
+
+def sine_box_embedding(boxes: torch.Tensor, dim_per_coord: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Sine embedding of normalised boxes (..., 4) -> (..., 4 * dim_per_coord), each coordinate embedded as the
+    image positions are (DAB-DETR, Liu et al., ICLR 2022, eq. 5)."""
+    dim_t = torch.arange(dim_per_coord, dtype=torch.float32, device=boxes.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / dim_per_coord)
+    angles = boxes.float()[..., None] * (2 * math.pi) / dim_t  # (..., 4, d)
+    emb = torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-2)
+    return emb.flatten(-2).to(boxes.dtype)
+
+
+def feature_centres(mask: torch.Tensor) -> torch.Tensor:
+    """Normalised (x, y) centres of the cells of a feature map, relative to each image's unpadded region:
+    mask (B, H, W) True on padding -> (B, H * W, 2); padded cells get coordinates > 1 (they are masked)."""
+    valid = ~mask
+    vh = valid[:, :, 0].sum(1).clamp(min=1).to(torch.float32)
+    vw = valid[:, 0, :].sum(1).clamp(min=1).to(torch.float32)
+    h, w = mask.shape[-2:]
+    ys = (torch.arange(h, device=mask.device, dtype=torch.float32) + 0.5)[None, :] / vh[:, None]  # (B, H)
+    xs = (torch.arange(w, device=mask.device, dtype=torch.float32) + 0.5)[None, :] / vw[:, None]  # (B, W)
+    grid_x = xs[:, None, :].expand(-1, h, -1)
+    grid_y = ys[:, :, None].expand(-1, -1, w)
+    return torch.stack((grid_x, grid_y), dim=-1).flatten(1, 2)
+
+
+def gaussian_attention_bias(
+    anchors: torch.Tensor, centres: torch.Tensor, key_padding_mask: torch.Tensor, sigma: float, nhead: int
+) -> torch.Tensor:
+    """Log of a Gaussian spatial prior around each anchor, to add to cross-attention logits (SMCA, Gao et al.,
+    ICCV 2021, eq. 3): ``-((x - cx)^2 / (2 (sigma w)^2) + (y - cy)^2 / (2 (sigma h)^2))``, -inf on padded keys.
+
+    anchors (B, Q, 4) normalised cxcywh, centres (B, HW, 2), key_padding_mask (B, HW) -> (B * nhead, Q, HW)."""
+    a = anchors.float()
+    scale = (sigma * a[..., 2:]).clamp(min=1e-3)  # (B, Q, 2)
+    diff = (centres[:, None, :, :] - a[:, :, None, :2]) / scale[:, :, None, :]  # (B, Q, HW, 2)
+    bias = -0.5 * diff.square().sum(-1)
+    bias = bias.masked_fill(key_padding_mask[:, None, :], float("-inf"))
+    return bias.repeat_interleave(nhead, dim=0)
