@@ -21,7 +21,10 @@ import contextlib
 import io
 import json
 import os
+import re
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +34,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import SHAPES_YAML, TINY_SHAPES, read_log, tiny_overrides
+from conftest import ROOT, SHAPES_YAML, TINY_SHAPES, read_log, tiny_overrides
 from torch import nn
 from torch.utils.data import DistributedSampler
 
@@ -368,17 +371,19 @@ def _train_worker(rank: int, port: int, root: str, out: str) -> None:
             with pytest.MonkeyPatch.context() as mp_:
                 if case == CONTROL:
                     mp_.setattr(dist, "global_normalizer", lambda z, minimum=None: z.detach())
-                # Trajectory: the real steps from the common initialisation.
-                model, criterion, optimizer = train_model(cfg)
-                ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
-                for batch in batches:
-                    train_step(cfg, ddp, criterion, optimizer, batch)
-                final = snapshot(model)
-                # Per step: from the single-process parameters before each step.
+                final = None
+                if case in TRAJECTORY_CASES or case == CONTROL:  # the real steps from the common start
+                    model, criterion, optimizer = train_model(cfg)
+                    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+                    for batch in batches:
+                        train_step(cfg, ddp, criterion, optimizer, batch)
+                    final = snapshot(model)
+                # Per step: from the single-process parameters before each step (the control: the first).
                 model, criterion, optimizer = train_model(cfg)
                 ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
                 steps = []
-                for params, batch in zip(references[case]["before"], batches, strict=True):
+                count = 1 if case == CONTROL else STEPS
+                for params, batch in zip(references[case]["before"][:count], batches[:count], strict=True):
                     model.load_state_dict(params, strict=False)
                     steps.append(train_step(cfg, ddp, criterion, optimizer, batch))
             results[case] = {"final": final, "steps": steps}
@@ -554,3 +559,43 @@ def test_alrp_self_balance_state_is_identical_on_both_ranks(resume_runs: tuple[P
     state = parts[0]["whole"]["balance"]
     assert state["weight"] != 10.0 and state["count"] == 2
     assert parts[0]["resumed"]["balance"] == pytest.approx(state, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The command line under torchrun
+
+
+def torchrun(*args: str, nproc: int = WORLD) -> str:
+    """``torchrun --standalone --nproc_per_node=nproc tools/train.py ARGS``; its stdout (fails on an error)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "tools" / "train.py"), "--config", str(SHAPES_YAML), "--no-progress", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=SPAWN_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def coco_lines(stdout: str) -> list[list[float]]:
+    return [[float(v) for v in re.findall(r"=(\d+\.\d+|-1\.0000)", line)]
+            for line in stdout.splitlines() if line.startswith("COCO bbox:")]
+
+
+@pytest.mark.slow
+def test_torchrun_trains_resumes_and_evaluates_with_tools_train(tiny, tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node=2 tools/train.py`` unchanged: one epoch, then the same command with two
+    epochs resumes it; ``--eval-only --resume`` on 2 processes prints the numbers of 1 process, once."""
+    out = tmp_path / "run"
+    torchrun(*tiny("data.batch_size=2", out=out, epochs=1))
+    assert [r["epoch"] for r in read_log(out)] == [0]
+    state = load_checkpoint(out / "checkpoint.pth")
+    assert isinstance(state["rng"], list) and len(state["rng"]) == WORLD
+    assert "epoch 0 done" in torchrun(*tiny("data.batch_size=2", out=out, epochs=2))
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == [0, 1] and len(log[1]["test_coco_eval_bbox"]) == 12
+
+    checkpoint = str(out / "checkpoint.pth")
+    two = coco_lines(torchrun("--eval-only", "--resume", checkpoint, *tiny(out=tmp_path / "e2")))
+    one = coco_lines(torchrun("--eval-only", "--resume", checkpoint, *tiny(out=tmp_path / "e1"), nproc=1))
+    assert len(two) == len(one) == 1 and len(one[0]) == 12
+    assert two == one
+    assert (tmp_path / "e2" / "detections.json").exists()

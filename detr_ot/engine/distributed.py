@@ -47,6 +47,12 @@ def init_from_env(device: str) -> torch.device:
     return dev
 
 
+def shutdown() -> None:
+    """Destroy the process group, if any (end of a torchrun process; a no-op otherwise)."""
+    if is_dist():
+        tdist.destroy_process_group()
+
+
 def barrier() -> None:
     if is_dist():
         tdist.barrier()

@@ -198,8 +198,12 @@ def run(cfg: Config, resume: str | None = None, eval_only: bool = False, progres
         (out / "config.yaml").write_text(dump_config(cfg))
         print("resolved config:\n" + dump_config(cfg), flush=True)
 
+    if not dist.is_main():  # rank 0 first: a shapes dataset is generated on first use, by one process
+        dist.barrier()
     train_set = None if eval_only else build_dataset(cfg.data, "train")
     val_set = build_dataset(cfg.data, "val")
+    if dist.is_main():
+        dist.barrier()
     num_classes = val_set.num_classes
     model = build_model(cfg, num_classes).to(device)
     criterion = build_criterion(cfg, num_classes).to(device)
