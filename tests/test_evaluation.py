@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import json
 import os
@@ -16,6 +17,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from detr_ot.evaluation import CocoEvaluator
+from detr_ot.evaluation.synthetic import coco_from_dataset, records, rows_to_predictions, synthetic_coco
 from detr_ot.models.postprocess import PostProcess
 
 BACKENDS = ["pycocotools", "faster_coco_eval"]
@@ -261,6 +263,42 @@ def test_backends_agree_and_match_direct_pycocotools() -> None:
         ref.accumulate()
         ref.summarize()
     np.testing.assert_allclose(s_ref, ref.stats, rtol=0, atol=1e-12)
+
+
+@functools.cache
+def synthetic_reference(score_levels: int) -> tuple[dict, dict, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """A COCO-like synthetic set of 300 images (crowd boxes, images without annotations, images without
+    detections, scores tied when ``score_levels`` > 0) and plain pycocotools' (stats, precision, recall)."""
+    dataset, detections = synthetic_coco(num_images=300, seed=13, crowd_fraction=0.03, empty_fraction=0.05,
+                                         detections_per_image=25, score_levels=score_levels)
+    gt = coco_from_dataset(copy.deepcopy(dataset))
+    with contextlib.redirect_stdout(io.StringIO()):
+        ref = COCOeval(gt, gt.loadRes(records(detections)), iouType="bbox")
+        ref.params.imgIds = sorted(detections)
+        ref.evaluate()
+        ref.accumulate()
+        ref.summarize()
+    return dataset, detections, (np.asarray(ref.stats), ref.eval["precision"], ref.eval["recall"])
+
+
+@pytest.mark.parametrize("score_levels", [0, 50])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_gives_pycocotools_numbers_on_a_synthetic_coco_like_set(backend: str, score_levels: int) -> None:
+    dataset, detections, (stats, precision, recall) = synthetic_reference(score_levels)
+    annotations = dataset["annotations"]
+    assert sum(a["iscrowd"] for a in annotations) >= 10
+    assert len({a["image_id"] for a in annotations}) < len(dataset["images"])  # images without annotations
+    assert sum(len(rows) == 0 for rows in detections.values()) >= 5  # images without detections
+    assert 0.05 < stats[0] < 0.95 and (stats >= 0).all()
+
+    cat_ids = [c["id"] for c in dataset["categories"]]
+    to_label = {c: i for i, c in enumerate(cat_ids)}
+    ev = CocoEvaluator(coco_from_dataset(dataset), cat_ids, backend=backend)
+    ev.update({i: rows_to_predictions(rows, to_label) for i, rows in detections.items()})
+    got = run_eval(ev)
+    np.testing.assert_allclose(got, stats, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(ev.coco_eval.eval["precision"], precision, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(ev.coco_eval.eval["recall"], recall, rtol=0, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- (d) duplicates

@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 from detr_ot.config import ConfigError, load_config  # noqa: E402
 from detr_ot.data.coco import AnnotationError  # noqa: E402
+from detr_ot.engine import distributed as dist  # noqa: E402
 from detr_ot.engine.trainer import NonFiniteLossError, run  # noqa: E402
 from detr_ot.matching import NonFiniteCostError  # noqa: E402
 from detr_ot.models import BackboneWeightsError  # noqa: E402
@@ -45,11 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         result = run(cfg, resume=args.resume, eval_only=args.eval_only, progress=not args.no_progress)
+        main_process = dist.is_main()
     except (ConfigError, AnnotationError, FileNotFoundError, NonFiniteLossError, NonFiniteCostError,
             BackboneWeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    if args.eval_only:
+    finally:
+        dist.shutdown()
+    if args.eval_only and main_process:  # once, not once per process
         names = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
         stats = result["test_coco_eval_bbox"]
         print("COCO bbox: " + "  ".join(f"{n}={v:.4f}" for n, v in zip(names, stats, strict=True)))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime
 import os
+from typing import Any
 
 import torch
 import torch.distributed as tdist
 
 
 def is_dist() -> bool:
+    """Whether a process group is initialised."""
     return tdist.is_available() and tdist.is_initialized()
 
 
@@ -45,6 +47,12 @@ def init_from_env(device: str) -> torch.device:
     return dev
 
 
+def shutdown() -> None:
+    """Destroy the process group, if any (end of a torchrun process; a no-op otherwise)."""
+    if is_dist():
+        tdist.destroy_process_group()
+
+
 def barrier() -> None:
     if is_dist():
         tdist.barrier()
@@ -75,14 +83,32 @@ def global_num_boxes(local: int | float, device: torch.device) -> float:
     return max(float(n), 1.0) / world_size()
 
 
-def global_normalizer(local: torch.Tensor) -> torch.Tensor:
-    """The distributed form of a loss normaliser ``Z`` summed over the batch (e.g. cross-entropy's weighted
-    query count): ``Z_all / world_size``, detached, with ``Z_all`` the sum over processes. Dividing each
-    process's summed loss by it makes DDP's gradient average equal the single-process ``sum_all / Z_all``;
-    dividing by the local ``Z`` instead does not when the processes' ``Z`` differ. Identity with one process."""
-    z = local.detach()
+def all_reduce_sum(local: torch.Tensor) -> torch.Tensor:
+    """A detached copy of ``local`` summed over processes (one collective; identity with one process)."""
+    t = local.detach()
     if not is_dist():
-        return z
-    z = z.clone()
-    tdist.all_reduce(z)
-    return z / world_size()
+        return t
+    t = t.clone()
+    tdist.all_reduce(t)
+    return t
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every process's ``obj`` (picklable), in rank order, on every process (``[obj]`` with one process)."""
+    if not is_dist():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def global_normalizer(local: torch.Tensor, minimum: float | None = None) -> torch.Tensor:
+    """The distributed form of a loss normaliser ``Z`` summed over the batch (e.g. cross-entropy's weighted
+    query count): ``Z_all / world_size``, detached, with ``Z_all`` the sum over processes (clamped below at
+    ``minimum`` when given). Dividing each process's summed loss by it makes DDP's gradient average equal
+    the single-process ``sum_all / Z_all``; dividing by the local ``Z`` instead does not when the processes'
+    ``Z`` differ. Identity (up to the clamp) with one process."""
+    z = all_reduce_sum(local)
+    if minimum is not None:
+        z = z.clamp_min(minimum)
+    return z / world_size() if is_dist() else z

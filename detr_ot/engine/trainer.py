@@ -150,9 +150,11 @@ def evaluate(
     device: torch.device,
     backend: str = DEFAULT_BACKEND,
     progress: bool = True,
+    per_image: bool | None = None,
 ) -> tuple[dict[str, float], list[float], CocoEvaluator]:
     """Inference over ``loader`` (a shard of the dataset per process), the test losses, and COCO bbox
-    evaluation merged over processes (each image counted once, see ``CocoEvaluator.evaluate_distributed``).
+    evaluation merged over processes (each image counted once, see ``CocoEvaluator.evaluate_distributed``,
+    whose strategy ``per_image`` selects; None: the backend's default).
     Returns (mean losses, 12 stats on every rank, evaluator: on rank 0 it holds every image's detections)."""
     model.eval()
     if criterion is not None:
@@ -167,8 +169,18 @@ def evaluate(
         orig_sizes = torch.stack([t["orig_size"] for t in targets])
         results = postprocess(outputs, orig_sizes)
         evaluator.update({int(t["image_id"]): r for t, r in zip(targets, results, strict=True)})
-    coco_stats = evaluator.evaluate_distributed()
+    coco_stats = evaluator.evaluate_distributed(per_image=per_image)
     return dist.all_reduce_mean(stats.means(), device), coco_stats, evaluator
+
+
+def _restore_rng(saved: dict | list[dict]) -> None:
+    """Restore this rank's RNG streams: a distributed checkpoint holds one state per rank. A rank that the
+    checkpoint has no state for (resumed on more processes) keeps its fresh ``seed + rank`` streams rather
+    than sharing another rank's."""
+    if isinstance(saved, dict):
+        set_rng_state(saved)
+    elif dist.rank() < len(saved):
+        set_rng_state(saved[dist.rank()])
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -186,8 +198,12 @@ def run(cfg: Config, resume: str | None = None, eval_only: bool = False, progres
         (out / "config.yaml").write_text(dump_config(cfg))
         print("resolved config:\n" + dump_config(cfg), flush=True)
 
+    if not dist.is_main():  # rank 0 first: a shapes dataset is generated on first use, by one process
+        dist.barrier()
     train_set = None if eval_only else build_dataset(cfg.data, "train")
     val_set = build_dataset(cfg.data, "val")
+    if dist.is_main():
+        dist.barrier()
     num_classes = val_set.num_classes
     model = build_model(cfg, num_classes).to(device)
     criterion = build_criterion(cfg, num_classes).to(device)
@@ -210,8 +226,7 @@ def run(cfg: Config, resume: str | None = None, eval_only: bool = False, progres
                 scaler.load_state_dict(state["scaler"])
             if state.get("criterion"):
                 criterion.load_state_dict(state["criterion"])
-            set_rng_state(state["rng"][min(dist.rank(), len(state["rng"]) - 1)] if isinstance(state["rng"], list)
-                          else state["rng"])
+            _restore_rng(state["rng"])
         start_epoch = state["epoch"] + 1
         elapsed = state.get("elapsed", 0.0)
         if dist.is_main():
@@ -276,6 +291,8 @@ def run(cfg: Config, resume: str | None = None, eval_only: bool = False, progres
         elapsed += epoch_time
         record.update({"epoch_time": epoch_time, "elapsed": elapsed, "n_parameters": n_parameters})
         logger.log_epoch(record)
+        rngs = dist.all_gather_objects(rng_state())  # every rank's own streams, restored per rank on resume
+        criterion.synchronize_state()  # e.g. aLRP's self-balance window: rank 0's copy must hold for all
         if dist.is_main():
             if "test_coco_eval_bbox" in record:
                 ap = record["test_coco_eval_bbox"]
@@ -290,7 +307,7 @@ def run(cfg: Config, resume: str | None = None, eval_only: bool = False, progres
                 "epoch": epoch,
                 "elapsed": elapsed,
                 "config": to_dict(cfg),
-                "rng": rng_state(),
+                "rng": rngs if dist.is_dist() else rngs[0],
             })
         dist.barrier()
     logger.close()

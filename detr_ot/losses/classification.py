@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
+from detr_ot.engine import distributed as dist
 from detr_ot.matching import Assignment, PaddedTargets, PairwiseTerms
 from detr_ot.registry import Registry
 
@@ -58,6 +59,10 @@ class ClassificationLoss(nn.Module):
         ``(loss, BoxReweighting)``. ``terms`` are the layer's pairwise terms (IoU/GIoU of every pair)."""
         raise NotImplementedError
 
+    def synchronize_state(self) -> None:
+        """Make a loss's running state (if any) identical on every process; a collective, called on every
+        process before a checkpoint is written. Nothing to do for stateless losses."""
+
 
 class PairwiseClassificationLoss(ClassificationLoss):
     """A loss of the form ``(sum S_ij l_ij + sum S_i0 l0_i) / Z``."""
@@ -87,7 +92,9 @@ class PairwiseClassificationLoss(ClassificationLoss):
 class CrossEntropyLoss(PairwiseClassificationLoss):
     """DETR's cross-entropy with a no-object class weighted by ``eos_coef`` (Carion et al. 2020, eq. 2),
     averaged with the class weights as ``F.cross_entropy(weight=...)`` does:
-    ``Z = sum_ij S_ij + eos_coef * sum_i S_i0`` (detached)."""
+    ``Z = sum_ij S_ij + eos_coef * sum_i S_i0`` (detached). In distributed training ``Z`` is summed over
+    the processes (:func:`~detr_ot.engine.distributed.global_normalizer`), so that the processes' averaged
+    gradient is the single-process gradient of the whole batch even when their box counts differ."""
 
     head = "softmax"
     class_cost = "prob"
@@ -99,7 +106,7 @@ class CrossEntropyLoss(PairwiseClassificationLoss):
 
     def normalizer(self, assignment: Assignment, num_boxes: float) -> torch.Tensor:
         plan = assignment.plan.detach()
-        return plan[..., 1:].sum() + self.cfg.eos_coef * plan[..., 0].sum()
+        return dist.global_normalizer(plan[..., 1:].sum() + self.cfg.eos_coef * plan[..., 0].sum())
 
 
 @CLASSIFICATION_LOSSES.register("focal")

@@ -80,6 +80,11 @@ class SetCriterion(nn.Module):
         card = (is_object.sum(1).float() - targets.mask.sum(1).float()).abs().mean()
         return {"class_error": 100 - accuracy, "cardinality_error": card}
 
+    def synchronize_state(self) -> None:
+        """Collective: make the classification loss's running state (aLRP's self-balance window) the same on
+        every process, so that rank 0's checkpoint resumes every rank exactly."""
+        self.cls_loss.synchronize_state()
+
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
         device = outputs["pred_logits"].device
         padded = PaddedTargets.from_list(targets, device)

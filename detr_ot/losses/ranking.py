@@ -58,6 +58,7 @@ __all__ = [
     "balance_by_value",
     "rs_box_weights",
     "rs_loss",
+    "rs_top_scores",
 ]
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -644,6 +645,20 @@ class SelfBalance:
         self._sums = None
         return True
 
+    def synchronize(self) -> None:
+        """Make every process hold the same state (a collective; call it on all processes, e.g. before a
+        checkpoint): the open window's sums become their mean over processes. The next :meth:`step` sums
+        them over processes again, so its ``w_SB`` is unchanged, and a run resumed from rank 0's state
+        continues exactly as an uninterrupted one."""
+        if not (dist.is_available() and dist.is_initialized()) or self.count == 0 or self._sums is None:
+            return
+        sums = self._sums
+        if dist.get_backend() == "nccl" and sums.device.type != "cuda":
+            sums = sums.cuda()
+        sums = sums.clone()
+        dist.all_reduce(sums)
+        self._sums = (sums / dist.get_world_size()).to(self._sums.device)
+
     def state_dict(self) -> dict:
         sums = [0.0, 0.0] if self._sums is None else self._sums.tolist()
         return {
@@ -751,6 +766,15 @@ def rs_loss(
     return loss
 
 
+def rs_top_scores(query_logits: Tensor) -> Tensor:
+    """Detached top score ``sigmoid(max_c s_ic)`` (float32 at least) of each positive's query; ``(P, K)`` or
+    already-reduced ``(P,)`` logits."""
+    top = query_logits.detach()
+    if top.dim() == 2:
+        top = top.max(dim=-1).values
+    return top.float().sigmoid()
+
+
 def rs_box_weights(query_logits: Tensor, eps: float = 1e-10) -> Tensor:
     """Detached RS box-loss weights: each positive's top score, normalised to sum 1 (RS paper and code).
 
@@ -758,10 +782,7 @@ def rs_box_weights(query_logits: Tensor, eps: float = 1e-10) -> Tensor:
     ``w_i = sigmoid(max_c s_ic) / sum_k sigmoid(max_c s_kc)``; if the sum is ``<= eps`` the raw scores are
     returned (the reference code's guard: divide by 1). ``L_box = sum_i w_i box_loss_i``.
     """
-    top = query_logits.detach()
-    if top.dim() == 2:
-        top = top.max(dim=-1).values
-    top = top.float().sigmoid()
+    top = rs_top_scores(query_logits)
     total = top.sum()
     return top / torch.where(total > eps, total, torch.ones_like(total))
 

@@ -14,6 +14,12 @@ sigmoid probabilities that DETR's (and the focal) matching cost reads are not ca
 a small auxiliary sigmoid focal term (``aux_focal``, weight 0.1 of the classification loss) that keeps the
 logits calibrated, and matches with the focal class cost. ``aux_focal: 0`` with ``matcher.class_cost=logit``
 is the pure alternative. (Design choice of this toolkit, not of the papers.)
+
+Distributed training. A ranking group never spans processes (with ``group: batch`` each process ranks its
+own batch), but every normaliser is global: the loss is the mean over the ranking groups of *all* processes
+that hold positives, RS normalises its box weights by the score sum of all processes' positives and balances
+the box loss by the global values, and aLRP's self-balance averages over processes. So with ``group: image``
+W processes of batch b take exactly the steps of one process of batch W*b (tests/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torchvision.ops import sigmoid_focal_loss
 
+from detr_ot.engine import distributed as dist
 from detr_ot.losses import ranking
 from detr_ot.losses.classification import CLASSIFICATION_LOSSES, BoxReweighting, ClassificationLoss
 from detr_ot.matching import Assignment, PaddedTargets, PairwiseTerms
@@ -77,6 +84,15 @@ class _PositivesMixin:
     def grouped(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(1, -1) if self.options.group == "batch" else x.flatten(1)
 
+    def group_count(self, pos: torch.Tensor) -> torch.Tensor:
+        """Number of this process's ranking groups with at least one positive (float64)."""
+        return self.grouped(pos).any(-1).sum().to(torch.float64)
+
+    def group_normalizer(self, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Divides the sum of the per-group losses: ``max(groups with positives, 1)``, counted over all
+        processes and divided by the world size (see the module docstring)."""
+        return dist.global_normalizer(self.group_count(pos), minimum=1.0).to(dtype)
+
     def aux_focal_term(self, logits: torch.Tensor, pos: torch.Tensor, num_boxes: float) -> torch.Tensor:
         if self.options.aux_focal <= 0:
             return logits.sum() * 0.0
@@ -104,8 +120,9 @@ class APLoss(_PositivesMixin, ClassificationLoss):
     def forward(self, logits: torch.Tensor, assignment: Assignment, targets: PaddedTargets, num_boxes: float,
                 terms: PairwiseTerms | None = None) -> torch.Tensor:
         pos, *_ = self.positives(logits, assignment, targets)
-        loss = ranking.ap_loss(self.grouped(logits), self.grouped(pos), self.options.delta,
+        loss = ranking.ap_loss(self.grouped(logits), self.grouped(pos), self.options.delta, reduction="sum",
                                max_chunk_bytes=self.options.max_chunk_mb * 2**20)
+        loss = loss / self.group_normalizer(pos, loss.dtype)
         return loss + self.aux_focal_term(logits, pos, num_boxes)
 
 
@@ -126,14 +143,21 @@ class RSLoss(_PositivesMixin, ClassificationLoss):
         assert terms is not None and terms.iou is not None, "RS Loss needs the pairwise IoU"
         pos, b, q, g = self.positives(logits, assignment, targets)
         ious = terms.iou[b, q, g].detach().clamp(0, 1)
-        loss = ranking.rs_loss(self.grouped(logits), self.grouped(pos), ious, self.options.delta,
+        loss = ranking.rs_loss(self.grouped(logits), self.grouped(pos), ious, self.options.delta, reduction="sum",
                                max_chunk_bytes=self.options.max_chunk_mb * 2**20)
-        w = ranking.rs_box_weights(logits[b, q])
-        weights = self.pair_weights(terms.l1, b, q, g, w)
         cfg = self.cfg
-        box = (weights * (cfg.bbox_weight * terms.l1 + cfg.giou_weight * (1 - terms.giou))).sum().detach()
-        scale = torch.where(box > 1e-12, loss.detach() / box.clamp(min=1e-12), torch.zeros_like(box))
-        return loss + self.aux_focal_term(logits, pos, num_boxes), BoxReweighting(weights, scale)
+        top = ranking.rs_top_scores(logits[b, q]).double()
+        pair_box = (cfg.bbox_weight * terms.l1 + cfg.giou_weight * (1 - terms.giou))[b, q, g].detach().double()
+        # One collective: [groups with positives, score sum, summed RS loss, score-weighted box loss].
+        local = torch.stack([self.group_count(pos), top.sum(), loss.detach().double(), (top * pair_box).sum()])
+        n_all, top_all, loss_all, box_all = dist.all_reduce_sum(local).unbind()
+        world = dist.world_size()
+        top_norm = torch.where(top_all > 1e-10, top_all, torch.ones_like(top_all))  # rs_box_weights' guard
+        weights = self.pair_weights(terms.l1, b, q, g, top * world / top_norm)
+        mean_loss, mean_box = loss_all / n_all.clamp_min(1.0), box_all / top_norm
+        scale = torch.where(mean_box > 1e-12, mean_loss / mean_box.clamp(min=1e-12), torch.zeros_like(mean_box))
+        loss = loss / (n_all.clamp_min(1.0) / world).to(loss.dtype)
+        return loss + self.aux_focal_term(logits, pos, num_boxes), BoxReweighting(weights, scale.to(loss.dtype))
 
 
 @CLASSIFICATION_LOSSES.register("alrp", options=ALRPOptions)
@@ -157,14 +181,19 @@ class ALRPLoss(_PositivesMixin, ClassificationLoss):
     def set_extra_state(self, state: dict) -> None:
         self.balance.load_state_dict(state)
 
+    def synchronize_state(self) -> None:
+        self.balance.synchronize()
+
     def forward(self, logits: torch.Tensor, assignment: Assignment, targets: PaddedTargets, num_boxes: float,
                 terms: PairwiseTerms | None = None) -> tuple[torch.Tensor, BoxReweighting]:
         assert terms is not None, "aLRP Loss needs the pairwise GIoU"
         pos, b, q, g = self.positives(logits, assignment, targets)
         loc_error = ((1 - terms.giou[b, q, g]) / 2).detach()
         loss, w = ranking.alrp_loss(self.grouped(logits), self.grouped(pos), loc_error, self.options.delta,
-                                    max_chunk_bytes=self.options.max_chunk_mb * 2**20)
-        weights = self.pair_weights(terms.l1, b, q, g, w.detach())
+                                    reduction="sum", max_chunk_bytes=self.options.max_chunk_mb * 2**20)
+        z = self.group_normalizer(pos, loss.dtype)
+        loss = loss / z
+        weights = self.pair_weights(terms.l1, b, q, g, w.detach() / z.to(w.dtype))
         cfg = self.cfg
         norm = cfg.bbox_weight + 2 * cfg.giou_weight
         loc = (weights * (cfg.bbox_weight * terms.l1 + cfg.giou_weight * (1 - terms.giou))).sum().detach() / norm
