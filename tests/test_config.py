@@ -200,9 +200,10 @@ def test_shapes_config_loads() -> None:
     cfg = load_config(SHAPES_YAML)
     assert cfg.data.dataset == "shapes" and cfg.data.transforms == "shapes"
     assert cfg.model.backbone == "tiny" and cfg.model.pretrained is False and cfg.model.backbone_weights is None
-    assert (cfg.model.hidden_dim, cfg.model.enc_layers, cfg.model.dec_layers) == (128, 2, 2)
+    assert (cfg.model.hidden_dim, cfg.model.enc_layers, cfg.model.dec_layers) == (128, 2, 4)
     assert cfg.model.dropout == 0.0 and cfg.model.aux_loss is True
-    assert cfg.matcher.name == "hungarian" and cfg.loss.cls == "ce"
+    assert cfg.model.query_type == "anchor" and cfg.model.anchor_sigma > 0
+    assert cfg.matcher.name == "hungarian" and cfg.loss.cls == "focal"
     assert cfg.data.shapes.num_train > 0 and cfg.data.shapes.num_val > 0
 
 

@@ -501,7 +501,8 @@ def random_model(tiny, backbone: str, num_queries: int = 50):  # noqa: ANN001, A
     """A randomly initialised model, with BatchNorm shifts, whose boxes scatter around a typical object box
     (cx, cy, w, h) = (0.5, 0.5, 0.3, 0.3), so that some detections hit ground truth and the COCO numbers
     are not all zero."""
-    cfg = load_config(SHAPES_YAML, tiny(f"model.backbone={backbone}", f"model.num_queries={num_queries}"))
+    cfg = load_config(SHAPES_YAML, tiny(f"model.backbone={backbone}", f"model.num_queries={num_queries}",
+                                         "model.query_type=learned", "loss.cls=ce"))
     torch.manual_seed(0)
     model = build_model(cfg, 3).eval()
     last = model.bbox_embed.layers[-1]
