@@ -11,8 +11,13 @@ under ``torchrun --nproc_per_node=N``. Re-running on the same output directory r
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+# OpenMP worker threads that spin while waiting make every step many times slower as soon as another process
+# (a data-loader worker, a second run) shares the cores; must be set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
