@@ -3,7 +3,7 @@ environment variables torchrun sets (``detr_ot.engine.distributed.init_from_env`
 
 1. Distributed evaluation of a fixed model on a 7-image split (not divisible by 2: the DistributedSampler
    repeats an image) gives exactly the single-process 12 numbers, detections and precision array, for
-   evaluation batch sizes 1 and 3, both backends and both ``per_image`` strategies; likewise for
+   evaluation batch sizes 1 and 3, every backend and both ``per_image`` strategies; likewise for
    synthetic detections with crowd boxes, empty images and duplicates across uneven shards.
 2. Two processes of batch b train k steps to the parameters of one process of batch 2b (dropout off, same
    data), for ce, focal and the ranking losses, with steps where one process has no box at all.
@@ -54,7 +54,7 @@ from detr_ot.evaluation.synthetic import coco_from_dataset, rows_to_predictions,
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 WORLD = 2
-BACKENDS = ("pycocotools", "faster_coco_eval")
+BACKENDS = ("pycocotools", "faster_coco_eval", "hotcoco")
 SPAWN_TIMEOUT_S = 300.0
 CPU = torch.device("cpu")
 

@@ -3,11 +3,16 @@ https://cocodataset.org/#detection-eval): AP averaged over IoU 0.50:0.05:0.95 wi
 precision, plus AP50/AP75, per-area AP, and AR at 1/10/100 detections per image.
 
 Detections are stored per image as one float64 array of rows ``[x, y, w, h, score, category_id]``; per-box
-Python dicts are only built when handing them to the COCO API in :meth:`CocoEvaluator.evaluate`/``dump``.
+Python dicts are only built when handing them to pycocotools' or faster_coco_eval's COCO API in
+:meth:`CocoEvaluator.evaluate`, and in ``dump``.
 
-Backends (``train.eval_backend``): ``pycocotools`` (the reference) and ``faster_coco_eval`` (its C++
-re-implementation: pycocotools' numbers to 1e-12 on our tests, see tests/test_evaluation.py; 6-7x faster on
-a val2017-sized set, see tools/bench_eval.py).
+Backends (``train.eval_backend``): ``pycocotools`` (the reference), ``faster_coco_eval`` (its C++
+re-implementation: pycocotools' numbers to 1e-12 on our tests, not bit for bit; 6-10x faster on a val2017-sized
+set) and ``hotcoco`` (the default; a Rust re-implementation: pycocotools' 12 numbers and precision, recall and
+score arrays bit for bit on our tests, ~140x faster), see tests/test_evaluation.py and tools/bench_eval.py.
+hotcoco takes the detections as one ``(N, 7)`` array ``[image_id, x, y, w, h, score, category_id]`` (its
+``load_res`` fills ``id``, ``area`` = w*h and ``iscrowd`` as pycocotools' ``loadRes`` does), so no Python
+dict is built per detection.
 
 Distributed evaluation (:meth:`CocoEvaluator.evaluate_distributed`) counts every image exactly once: an image
 seen by several ranks (DistributedSampler pads the last shard with repeated images) belongs to the lowest rank
@@ -17,10 +22,15 @@ that saw it. Two strategies, chosen by ``per_image``:
   expensive part) on the images it owns; the per-image records are sent to rank 0 in a compact array form,
   placed in the single-process order (category, area, image id) and accumulated there. The accumulation sees
   exactly the records a single process would compute, so the 12 numbers are identical.
-* gather (default for ``faster_coco_eval``): the detections (a few float64 arrays) are gathered on rank 0,
-  which runs the backend's fused C++ evaluate+accumulate. faster_coco_eval's per-image records are opaque
-  C++ objects that cost ~12 us each to serialise (1.6 M of them for COCO val2017, ~20 s), more than its
-  whole evaluation on one rank (a few seconds), so spreading its per-image step would only make it slower.
+  hotcoco does the same through its ``StreamingEval``: every rank matches its own images, sends the state
+  (``to_bytes``), and rank 0 merges the states (``StreamingEval.merge``, no matching redone), then
+  accumulates.
+* gather (default for ``faster_coco_eval`` and ``hotcoco``): the detections (a few float64 arrays) are
+  gathered on rank 0, which runs the backend's whole evaluation. faster_coco_eval's per-image records are
+  opaque C++ objects that cost ~12 us each to serialise (1.6 M of them for COCO val2017, ~20 s), more than
+  its whole evaluation on one rank (a few seconds); hotcoco evaluates a val2017-sized set in under a second
+  on one rank, and its per-image strategy was no faster than gathering (1000 images on 2 processes: 0.20 s
+  each). Spreading their per-image step does not make them faster.
 """
 
 from __future__ import annotations
@@ -38,8 +48,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-BACKENDS = ("pycocotools", "faster_coco_eval")
-DEFAULT_BACKEND = "faster_coco_eval"
+BACKENDS = ("pycocotools", "faster_coco_eval", "hotcoco")
+DEFAULT_BACKEND = "hotcoco"
 NUM_STATS = 12
 _COLS = 6  # x, y, w, h, score, category_id
 
@@ -70,6 +80,15 @@ def _backend_classes(backend: str) -> tuple[type, type]:
                 "pip install faster-coco-eval (or set train.eval_backend=pycocotools)"
             ) from err
         return COCO, COCOeval_faster
+    if backend == "hotcoco":
+        try:
+            from hotcoco import COCO, COCOeval
+        except ImportError as err:
+            raise ImportError(
+                "evaluation backend 'hotcoco' needs the hotcoco package: "
+                "pip install hotcoco (or set train.eval_backend=pycocotools)"
+            ) from err
+        return COCO, COCOeval
     raise ValueError(f"CocoEvaluator: unknown backend {backend!r}; choose one of {BACKENDS}")
 
 
@@ -195,9 +214,19 @@ class CocoEvaluator:
             for k, (i, c, b, s, a) in enumerate(zip(ids, cats, bboxes, scores, areas, strict=True), start=1)
         ]
 
+    def _det_array(self, img_ids: Sequence[int]) -> np.ndarray:
+        """The detections of ``img_ids`` as the ``(N, 7)`` float64 array hotcoco's ``load_res`` and
+        ``StreamingEval.update`` take: ``[image_id, x, y, w, h, score, category_id]``, image-id order."""
+        rows = [self._results[i] for i in img_ids]
+        if not rows:
+            return np.zeros((0, _COLS + 1))
+        ids = np.repeat(np.asarray(img_ids, dtype=np.float64), [r.shape[0] for r in rows])
+        return np.concatenate([ids[:, None], np.concatenate(rows)], axis=1)
+
     def _gt(self) -> Any:
         """The ground truth as the backend's own COCO class (a private deep copy when converting, so the
-        two libraries never share the annotation dicts they annotate in place; cached per ``coco_gt``)."""
+        two libraries never share the annotation dicts they annotate in place; hotcoco copies the dataset into
+        its own structures instead; cached per ``coco_gt``)."""
         if isinstance(self.coco_gt, self._coco_cls):
             return self.coco_gt
         try:
@@ -205,10 +234,13 @@ class CocoEvaluator:
         except TypeError:  # not weak-referenceable: no cache
             cache = {}
         if self.backend not in cache:
-            gt = self._coco_cls()
-            gt.dataset = copy.deepcopy(self.coco_gt.dataset)
             with contextlib.redirect_stdout(io.StringIO()):
-                gt.createIndex()
+                if self.backend == "hotcoco":
+                    gt = self._coco_cls(self.coco_gt.dataset)
+                else:
+                    gt = self._coco_cls()
+                    gt.dataset = copy.deepcopy(self.coco_gt.dataset)
+                    gt.createIndex()
             cache[self.backend] = gt
         return cache[self.backend]
 
@@ -230,6 +262,11 @@ class CocoEvaluator:
         """(the backend's COCOeval over ``img_ids`` with this process's detections, number of detections).
         ``separate``: faster_coco_eval keeps its per-image records for a later, separate accumulate."""
         coco_gt = self._gt()
+        if self.backend == "hotcoco":
+            detections = self._det_array(img_ids)
+            coco_eval = self._eval_cls(coco_gt, coco_gt.load_res(detections), iouType="bbox")
+            coco_eval.params.imgIds = list(img_ids)
+            return coco_eval, detections.shape[0]
         records = self._records(img_ids, annotate=True)
         kwargs: dict[str, Any] = {}
         if self.backend == "faster_coco_eval":
@@ -237,6 +274,21 @@ class CocoEvaluator:
         coco_eval = self._eval_cls(coco_gt, self._result_coco(coco_gt, records), iouType="bbox", **kwargs)
         coco_eval.params.imgIds = list(img_ids)
         return coco_eval, len(records)
+
+    def _per_image_records(self, img_ids: list[int]) -> Any:
+        """The per-image evaluation of ``img_ids`` (this process's detections), in a form ready to send:
+        hotcoco's ``StreamingEval`` state as bytes, or the encoded COCOeval records of the other backends."""
+        if self.backend == "hotcoco":
+            from hotcoco import StreamingEval
+
+            gt = self._gt()  # the ground truth a single-process evaluation reads
+            stream = StreamingEval(gt.loadCats(gt.getCatIds()), iou_type="bbox")
+            stream.update(gt.loadImgs(img_ids), gt.loadAnns(gt.getAnnIds(imgIds=img_ids)), self._det_array(img_ids))
+            return stream.to_bytes()
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_eval, _ = self._coco_eval(img_ids, separate=True)
+            coco_eval.evaluate()
+        return _encode_per_image(coco_eval, self.backend)
 
     def _summarize(self, coco_eval: Any, num_detections: int) -> list[float]:
         self.coco_eval = coco_eval
@@ -270,9 +322,9 @@ class CocoEvaluator:
         rank. A collective: every rank must call it. Without an initialised process group (or with one
         process) it is :meth:`evaluate`.
 
-        ``per_image`` (default: True for pycocotools, False for faster_coco_eval): spread the per-image
-        evaluation over the ranks and accumulate on rank 0, or gather the detections on rank 0 and evaluate
-        there (see the module docstring for why). Afterwards rank 0 holds every image's detections (for
+        ``per_image`` (default: True for pycocotools, False for faster_coco_eval and hotcoco): spread the
+        per-image evaluation over the ranks and accumulate on rank 0, or gather the detections on rank 0 and
+        evaluate there (see the module docstring for why). Afterwards rank 0 holds every image's detections (for
         :meth:`dump`) and ``coco_eval``; only rank 0 prints the summary when ``verbose``."""
         if _dist_world() == 1:
             return self.evaluate()
@@ -285,14 +337,10 @@ class CocoEvaluator:
         dist.all_gather_object(seen, self.img_ids)
         owned, all_ids = _ownership(seen, rank)
         mine = {i: self._results[i] for i in owned}
-        quiet = contextlib.redirect_stdout(io.StringIO())
         payload: dict[str, Any] = {"rows": _pack_rows(mine)}
         if per_image and owned:
-            with quiet:
-                coco_eval, _ = self._coco_eval(owned, separate=True)
-                coco_eval.evaluate()
             payload["ids"] = owned
-            payload["records"] = _encode_per_image(coco_eval, self.backend)
+            payload["records"] = self._per_image_records(owned)
         parts: list[Any] | None = [None] * world if rank == 0 else None
         dist.gather_object(payload, parts, dst=0)
         stats: list[Any] = [list(self.stats)]
@@ -316,6 +364,16 @@ class CocoEvaluator:
 
     def _accumulate_parts(self, parts: list[dict[str, Any]], all_ids: list[int]) -> list[float]:
         """Rank 0: place every rank's per-image records at their single-process positions, accumulate."""
+        num_detections = sum(len(r) for r in self._results.values())
+        if self.backend == "hotcoco":
+            from hotcoco import StreamingEval
+
+            states = (StreamingEval.from_bytes(part["records"]) for part in parts if "records" in part)
+            coco_eval = StreamingEval.merge(states).finalize()
+            if list(coco_eval.params.imgIds) != all_ids:
+                raise RuntimeError("CocoEvaluator: the merged hotcoco states do not hold every image once")
+            coco_eval.accumulate()
+            return self._summarize(coco_eval, num_detections)
         with contextlib.redirect_stdout(io.StringIO()):
             coco_eval, _ = self._coco_eval([], separate=True)
         p = coco_eval.params
@@ -341,7 +399,7 @@ class CocoEvaluator:
         else:
             coco_eval.evalImgs = merged
         coco_eval.accumulate()
-        return self._summarize(coco_eval, sum(len(r) for r in self._results.values()))
+        return self._summarize(coco_eval, num_detections)
 
     def dump(self, path: str | Path) -> None:
         """Write the detections as a COCO results JSON (list of image_id/category_id/bbox/score)."""
