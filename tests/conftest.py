@@ -99,3 +99,30 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def matcher_gradient_probe(matcher: Callable, loss_scale: float = 1.0) -> tuple[torch.Tensor, float | None]:
+    """A tiny linear head -> pairwise terms -> ``matcher`` -> a plan-weighted loss whose per-pair losses are
+    constants, so the only path to the head's parameters is through the matching cost. Returns (plan,
+    summed |gradient| of the head's weight), the gradient None when the plan does not require grad."""
+    from torch import nn
+
+    from detr_ot.matching import PaddedTargets, compute_pairwise_terms
+
+    torch.manual_seed(0)
+    head = nn.Linear(8, 4 + 5)
+    feats = torch.randn(2, 10, 8)
+    targets = [
+        {"boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]]), "labels": torch.tensor([1, 3])},
+        {"boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]]), "labels": torch.tensor([2])},
+    ]
+    padded = PaddedTargets.from_list(targets, "cpu")
+    l_pair = torch.rand(2, 10, 2) * loss_scale
+    l_bg = torch.rand(2, 10) * loss_scale
+    out = head(feats)
+    plan = matcher(compute_pairwise_terms(out[..., 4:], out[..., :4].sigmoid(), padded)).plan
+    if not plan.requires_grad:
+        return plan, None
+    ((plan[..., 1:] * l_pair).sum() + (plan[..., 0] * l_bg).sum()).backward()
+    assert head.weight.grad is not None
+    return plan, float(head.weight.grad.abs().sum())

@@ -10,6 +10,8 @@ import math
 import torch
 from torch import nn
 
+from detr_ot.models.backbone import valid_sizes
+
 
 class EncoderLayer(nn.Module):
     def __init__(self, d_model: int, nhead: int, dim_ff: int, dropout: float) -> None:
@@ -126,9 +128,8 @@ def sine_box_embedding(boxes: torch.Tensor, dim_per_coord: int, temperature: flo
 def feature_centres(mask: torch.Tensor) -> torch.Tensor:
     """Normalised (x, y) centres of the cells of a feature map, relative to each image's unpadded region:
     mask (B, H, W) True on padding -> (B, H * W, 2); padded cells get coordinates > 1 (they are masked)."""
-    valid = ~mask
-    vh = valid[:, :, 0].sum(1).clamp(min=1).to(torch.float32)
-    vw = valid[:, 0, :].sum(1).clamp(min=1).to(torch.float32)
+    sizes = valid_sizes(mask).clamp(min=1).to(torch.float32)
+    vh, vw = sizes[:, 0], sizes[:, 1]
     h, w = mask.shape[-2:]
     ys = (torch.arange(h, device=mask.device, dtype=torch.float32) + 0.5)[None, :] / vh[:, None]  # (B, H)
     xs = (torch.arange(w, device=mask.device, dtype=torch.float32) + 0.5)[None, :] / vw[:, None]  # (B, W)
