@@ -36,6 +36,7 @@ def tiny_overrides(root: str | Path, output_dir: str | Path, *extra: str, epochs
         "data.batch_size=4",
         "data.eval_batch_size=4",
         "model.backbone=tiny",
+        "model.tiny_widths=[32,64,128,256]",  # fixed here, whatever the shapes preset uses
         "model.hidden_dim=32",
         "model.nheads=4",
         "model.dim_feedforward=64",

@@ -85,7 +85,7 @@ def test_overrides_apply_in_order_and_beat_the_file() -> None:
     assert cfg.train.epochs == 9
     assert cfg.model.hidden_dim == 48
     assert cfg.model.num_queries == 20  # from shapes.yaml, untouched
-    assert cfg.optim.lr == 2e-4  # shapes.yaml beats base.yaml's 1e-4
+    assert cfg.optim.lr == 4e-4  # shapes.yaml beats base.yaml's 1e-4
 
 
 def test_override_without_equals_sign_is_an_error() -> None:
@@ -200,11 +200,19 @@ def test_shapes_config_loads() -> None:
     cfg = load_config(SHAPES_YAML)
     assert cfg.data.dataset == "shapes" and cfg.data.transforms == "shapes"
     assert cfg.model.backbone == "tiny" and cfg.model.pretrained is False and cfg.model.backbone_weights is None
-    assert (cfg.model.hidden_dim, cfg.model.enc_layers, cfg.model.dec_layers) == (128, 2, 4)
+    assert (cfg.model.hidden_dim, cfg.model.enc_layers, cfg.model.dec_layers) == (128, 2, 3)
     assert cfg.model.dropout == 0.0 and cfg.model.aux_loss is True
     assert cfg.model.query_type == "anchor" and cfg.model.anchor_sigma > 0
     assert cfg.matcher.name == "hungarian" and cfg.loss.cls == "focal"
     assert cfg.data.shapes.num_train > 0 and cfg.data.shapes.num_val > 0
+
+
+def test_shapes_ablation_config_is_the_shapes_preset_shortened() -> None:
+    base, abl = load_config(SHAPES_YAML), load_config(SHAPES_YAML.parent / "shapes_ablation.yaml")
+    assert abl.model.backbone == base.model.backbone and abl.model.query_type == base.model.query_type
+    assert abl.matcher == base.matcher and abl.loss == base.loss and abl.data.shapes == base.data.shapes
+    assert 0 < abl.train.max_iters_per_epoch < base.data.shapes.num_train // base.data.batch_size
+    assert max(abl.optim.lr_drop) < abl.train.epochs
 
 
 def test_detr_r50_coco_config_has_the_paper_hyperparameters() -> None:

@@ -14,8 +14,9 @@ and ROOT/<name>/stdout.log receives its output. Runs with finished.json are skip
 simply re-launched (train.py resumes from its checkpoint). Order: every variant of the first seed, then the
 next seed.
 
-Parallelism: --jobs N runs N at a time; --gpus 0,1,2,3 runs one per GPU (CUDA_VISIBLE_DEVICES);
---torchrun N launches each run under `python -m torch.distributed.run --standalone --nproc_per_node=N`
+Parallelism: --jobs N runs N at a time (without --gpus each gets OMP_NUM_THREADS = cores / N unless that
+is set); --gpus 0,1,2,3 runs one per GPU (CUDA_VISIBLE_DEVICES); --torchrun N launches each run under
+`python -m torch.distributed.run --standalone --nproc_per_node=N`
 (with --gpus, each run gets N of the listed GPUs). A failing run is reported (return code and the tail of
 its stdout.log) and the others go on. ROOT/ablation.json lists every variant with its status (finished /
 failed / skipped), return code and directory. At the end ROOT/curves.png/.svg, ROOT/loss.png/.svg,
@@ -293,6 +294,9 @@ class Ablation:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpus
+        elif "OMP_NUM_THREADS" not in os.environ:
+            # N concurrent CPU runs share the cores instead of each spinning up one thread per core
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, self.args.jobs)))
         log = (job.dir / "stdout.log").open("ab")
         log.write(
             f"=== {_now()} {'resuming' if resuming else 'launching'}: {' '.join(job.command)}\n".encode()
