@@ -7,8 +7,10 @@ import math
 
 import pytest
 import torch
-from conftest import matcher_gradient_probe
+from conftest import SHAPES_YAML, matcher_gradient_probe
 
+from detr_ot.build import build_criterion
+from detr_ot.config import load_config
 from detr_ot.matching import MATCHERS, CostWeights, PairwiseTerms
 from detr_ot.matching.gu import GUMatcher, GUOptions, gu_assign
 from detr_ot.matching.hungarian import HungarianMatcher, solve_hungarian
@@ -177,3 +179,25 @@ def test_gradient_reaches_model_parameters(options):
             assert grad is not None and grad > 0
         else:
             assert grad is None
+
+
+@pytest.mark.parametrize("cost_class, silent", [(2.0, True), (1.0, False)])
+def test_blackbox_is_silent_when_the_matching_cost_is_the_loss(cost_class: float, silent: bool) -> None:
+    """Focal class cost with cost weights equal to the loss weights (the shapes preset): the set loss's reduced
+    gradient g' is C / num_boxes plus a constant (the GIoU loss is 1 - GIoU), so C + lambda g' orders every
+    assignment as C does, P(C + lambda g') = P(C), and the blackbox update is exactly zero: GU then trains
+    exactly like Hungarian (the shapes ablation's GU and Hungarian runs are bit-identical). A class cost weight
+    that differs from the loss weight (here 1 vs 2) makes the update act."""
+    grads = {}
+    for name in ("hungarian", "gu"):
+        cfg = load_config(SHAPES_YAML, [f"matcher.name={name}", f"matcher.cost_class={cost_class}",
+                                        "loss.cls=focal", "loss.cls_weight=2", "matcher.gu.lam=50"])
+        criterion = build_criterion(cfg, 3)
+        gen = torch.Generator().manual_seed(0)
+        logits = (torch.randn(4, 12, 3, generator=gen) * 2).requires_grad_(True)
+        boxes = torch.rand(4, 12, 4, generator=gen).mul(0.5).add(0.25).requires_grad_(True)
+        targets = [{"labels": torch.randint(0, 3, (n,), generator=gen),
+                    "boxes": torch.rand(n, 4, generator=gen).mul(0.5).add(0.25)} for n in (3, 5, 1, 4)]
+        criterion({"pred_logits": logits, "pred_boxes": boxes}, targets)["loss"].backward()
+        grads[name] = torch.cat([logits.grad.flatten(), boxes.grad.flatten()])
+    assert torch.equal(grads["gu"], grads["hungarian"]) == silent

@@ -40,6 +40,13 @@ problem on ``C_full + lambda g``, by the same row shift); perturbed uses ``<P_k 
 (exact). The M-column Hungarian solve equals the (M+1)-column problem because with a constant C_i0 the
 background part of the objective is (Q - M) * C_i0 for every assignment (tested against a brute-force
 (M+1)-column solver, with a non-constant background perturbation reduced the same way).
+
+When blackbox is silent. If the matching cost is the set loss's own pairwise cost (focal class cost and cost
+weights equal to the loss weights, as in configs/shapes.yaml), then ``g' = C / N + const`` (N boxes; the
+GIoU loss is 1 - GIoU), so ``C + lambda g'`` orders every assignment as C does, ``P(C + lambda g') = P(C)``,
+and the update is exactly zero: GU-blackbox trains bit for bit like Hungarian (tests/test_gu.py; the shapes
+ablation). It acts once cost and loss differ (e.g. ``matcher.cost_class`` != ``loss.cls_weight``);
+identity and perturbed are not affected.
 """
 
 from __future__ import annotations
