@@ -431,12 +431,14 @@ def _draw(ax: Any, variants: Sequence[Variant], metric: str, x: str, band: str) 
 
 
 def _legend(fig: Figure, ax: Any, n: int) -> None:
-    """Legend inside the first panel for a few variants, below the figure for many."""
-    if n <= 4:
-        ax.legend(fontsize="small", loc="best")
-    else:
-        handles, labels = ax.get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside lower center", ncols=min(3, n), fontsize="small")
+    """Legend below the panels, with as many columns (at most 3) as the longest label leaves room for."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not labels:
+        return
+    chars_per_inch = 12  # "small" font, with room for the line sample
+    width = fig.get_size_inches()[0] * chars_per_inch
+    ncols = max(1, min(3, n, int(width // (max(len(label) for label in labels) + 6))))
+    fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize="small")
 
 
 def _band_note(variants: Sequence[Variant], band: str) -> str:

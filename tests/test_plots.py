@@ -216,7 +216,7 @@ def test_figure_line_and_band_data(root: Path) -> None:
     ap50 = {ln.get_label(): ln for ln in ap50_ax.lines}
     assert list(ap50[B].get_ydata()) == [0.25, 0.875, 1.25]
     # legend labels come from the overrides
-    assert [t.get_text() for t in ap_ax.get_legend().get_texts()] == [A, B]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [A, B]
 
     fig_std = plot_metric_curves(vs, panels=("AP",), band="std")
     (ax,) = fig_std.axes
