@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torchvision.ops import box_convert, generalized_box_iou
 
+_MIN_AREA = 1e-7  # in normalised image units: a 0.03% x 0.03% box
+
 
 def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
     return box_convert(boxes, "cxcywh", "xyxy")
@@ -37,10 +39,13 @@ def _batched_giou(
     lt = torch.maximum(b1[:, :, None, :2], b2[:, None, :, :2])
     rb = torch.minimum(b1[:, :, None, 2:], b2[:, None, :, 2:])
     inter = (rb - lt).clamp(min=0).prod(-1)
-    union = area1[:, :, None] + area2[:, None, :] - inter
+    # The clamps only act on degenerate pairs, e.g. a collapsed predicted box against a padded (all-zero)
+    # ground-truth column: without them 0 / 0 gives NaN in the forward and, through the masked entries, in the
+    # backward whenever the matching cost itself is differentiated (gu, sinkhorn).
+    union = (area1[:, :, None] + area2[:, None, :] - inter).clamp(min=_MIN_AREA)
     iou = inter / union
     lt_c = torch.minimum(b1[:, :, None, :2], b2[:, None, :, :2])
     rb_c = torch.maximum(b1[:, :, None, 2:], b2[:, None, :, 2:])
-    hull = (rb_c - lt_c).clamp(min=0).prod(-1)
+    hull = (rb_c - lt_c).clamp(min=0).prod(-1).clamp(min=_MIN_AREA)
     giou = iou - (hull - union) / hull
     return (iou, giou) if with_iou else giou
