@@ -430,14 +430,14 @@ def _draw(ax: Any, variants: Sequence[Variant], metric: str, x: str, band: str) 
     ax.grid(True, alpha=0.3)
 
 
-def _legend(fig: Figure, ax: Any, n: int) -> None:
+def _legend(fig: Figure, ax: Any) -> None:
     """Legend below the panels, with as many columns (at most 3) as the longest label leaves room for."""
     handles, labels = ax.get_legend_handles_labels()
     if not labels:
         return
     chars_per_inch = 12  # "small" font, with room for the line sample
     width = fig.get_size_inches()[0] * chars_per_inch
-    ncols = max(1, min(3, n, int(width // (max(len(label) for label in labels) + 6))))
+    ncols = max(1, min(3, len(labels), int(width // (max(len(label) for label in labels) + 6))))
     fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize="small")
 
 
@@ -472,7 +472,7 @@ def plot_metric_curves(
         ax.set_title(metric)
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
-    _legend(fig, axes[0], len(variants))
+    _legend(fig, axes[0])
     fig.suptitle(
         f"COCO box AP over {'epochs' if x == 'epoch' else 'wall-clock time'} ({_band_note(variants, band)})",
         fontsize="medium",
@@ -491,7 +491,7 @@ def plot_loss_curves(variants: Sequence[Variant], x: str = "epoch", band: str = 
     for ax, key in zip(axes, keys, strict=True):
         _draw(ax, variants, key, x, band)
         ax.set_title(key)
-    _legend(fig, axes[0], len(variants))
+    _legend(fig, axes[0])
     fig.suptitle(f"Loss ({_band_note(variants, band)})", fontsize="medium")
     return fig
 

@@ -296,7 +296,7 @@ class Ablation:
             env["CUDA_VISIBLE_DEVICES"] = gpus
         elif "OMP_NUM_THREADS" not in os.environ:
             # N concurrent CPU runs share the cores instead of each spinning up one thread per core
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, self.args.jobs)))
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.args.jobs))
         log = (job.dir / "stdout.log").open("ab")
         log.write(
             f"=== {_now()} {'resuming' if resuming else 'launching'}: {' '.join(job.command)}\n".encode()
