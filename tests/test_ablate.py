@@ -130,6 +130,28 @@ def test_grid_parsing_and_names(ablate) -> None:
         ablate.expand({"k": ["a/b", "a:b"]}, [0], Path("R"))
 
 
+def test_variants_are_one_grid_axis(ablate) -> None:
+    grid = ablate.parse_grid(["loss.cls=focal,rs"])
+    variants = ablate.parse_variants(
+        ["matcher.name=hungarian", "matcher.name=gu 'matcher.gu.target=identity' matcher.gu.scale=0.05"], grid
+    )
+    assert variants == [
+        {"matcher.name": "hungarian"},
+        {"matcher.name": "gu", "matcher.gu.target": "identity", "matcher.gu.scale": "0.05"},
+    ]
+    jobs = ablate.expand(grid, [3], Path("R"), variants)
+    assert [j.overrides for j in jobs] == [
+        {"matcher.name": "hungarian", "loss.cls": "focal"},
+        {"matcher.name": "hungarian", "loss.cls": "rs"},
+        {"matcher.name": "gu", "matcher.gu.target": "identity", "matcher.gu.scale": "0.05", "loss.cls": "focal"},
+        {"matcher.name": "gu", "matcher.gu.target": "identity", "matcher.gu.scale": "0.05", "loss.cls": "rs"},
+    ]
+    assert jobs[2].name == "matcher.name=gu__matcher.gu.target=identity__matcher.gu.scale=0.05__loss.cls=focal__seed=3"
+    for bad in (["loss.cls=ce"], ["seed=1"], ["a"], ["a="], ["a=1 a=2"], [""], ["a=1", "a=1"]):
+        with pytest.raises(ValueError):
+            ablate.parse_variants(bad, grid)
+
+
 def test_slots(ablate) -> None:
     p = ablate.build_parser()
     mk = lambda *a: ablate.make_slots(p.parse_args(["--config", "c", "--out", "o", *a]))  # noqa: E731
@@ -171,6 +193,14 @@ def test_dry_run_prints_commands_and_writes_nothing(ablate, env, capsys) -> None
     )
     assert expected in out
     assert "4 runs (2 variants x 2 seeds)" in out
+
+
+def test_dry_run_with_variants(ablate, env, capsys) -> None:
+    rc = ablate.main(base_args(env, "--variant", "a=1 b=x", "--variant", "a=2", "--grid", "c=u,v", "--dry-run"))
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert " a=1 b=x c=v seed=0 " in out and " a=2 c=u seed=0 " in out
+    assert "4 runs (4 variants x 1 seeds)" in out
 
 
 def test_ablation_with_failure_then_skip(ablate, env, capsys) -> None:
@@ -287,6 +317,10 @@ def test_gpus_and_progress(ablate, env, capsys) -> None:
 def test_bad_arguments(ablate, env) -> None:
     with pytest.raises(SystemExit):
         ablate.main(base_args(env, "--grid", "a=1", "--extra", "a=2"))
+    with pytest.raises(SystemExit):
+        ablate.main(base_args(env, "--variant", "b=1 a=1", "--extra", "a=2"))
+    with pytest.raises(SystemExit):
+        ablate.main(base_args(env, "--variant", "a=1", "--grid", "a=2,3"))
     with pytest.raises(SystemExit):
         ablate.main(base_args(env, "--grid", "a=1", "--jobs", "2", "--gpus", "0,1"))
     with pytest.raises(SystemExit):

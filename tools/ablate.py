@@ -3,12 +3,16 @@
 
     python tools/ablate.py --config configs/shapes.yaml --out runs/matchers \\
         --grid matcher.name=hungarian,sinkhorn,gu --grid loss.cls=focal,rs --seeds 0 1 2 \\
-        [--jobs N | --gpus 0,1,...] [--torchrun N] [--extra key=value ...] [--device cpu|cuda] [--dry-run]
+        [--variant "k=v k2=v2" ...] [--jobs N | --gpus 0,1,...] [--torchrun N] [--extra key=value ...] \\
+        [--device cpu|cuda] [--dry-run]
 
 Every (grid combination, seed) is run as
     python tools/train.py --config C --output-dir ROOT/<name> --no-progress [--device D] EXTRA... GRID...
         seed=S log.tb_dir=ROOT/tb/<name>
-with <name> = "k1=v1__k2=v2__seed=S" (characters outside [A-Za-z0-9._=+,-] replaced by '-'), so TensorBoard
+A --variant (repeatable) is one set of overrides, for variants that differ in several keys at once (e.g.
+`--variant "matcher.name=hungarian" --variant "matcher.name=gu matcher.gu.target=identity matcher.gu.scale=0.05"`);
+the variants form one more grid axis, crossed with the --grid axes. GRID holds a run's grid and variant
+overrides, with <name> = "k1=v1__k2=v2__seed=S" (characters outside [A-Za-z0-9._=+,-] replaced by '-'), so TensorBoard
 pointed at ROOT/tb overlays all variants. ROOT/<name>/overrides.json records the variant before it starts
 and ROOT/<name>/stdout.log receives its output. Runs with finished.json are skipped; interrupted runs are
 simply re-launched (train.py resumes from its checkpoint). Order: every variant of the first seed, then the
@@ -98,6 +102,30 @@ def parse_grid(specs: list[str]) -> dict[str, list[str]]:
     return grid
 
 
+def parse_variants(specs: list[str], grid: dict[str, list[str]]) -> list[dict[str, str]]:
+    """``["a=1 b=2", "a=3"]`` -> ``[{"a": "1", "b": "2"}, {"a": "3"}]``: each --variant is whitespace-separated
+    ``key=value`` pairs (shell quoting honoured); no key may also be a grid axis or ``seed``."""
+    variants: list[dict[str, str]] = []
+    for spec in specs:
+        ov: dict[str, str] = {}
+        for item in shlex.split(spec):
+            key, sep, val = item.partition("=")
+            key = key.strip()
+            if not sep or not key or val == "":
+                raise ValueError(f"--variant {spec!r}: expected 'key=value key2=value2 ...', got {item!r}")
+            if key == "seed" or key in grid:
+                raise ValueError(f"--variant {spec!r}: {key!r} is set by --seeds/--grid")
+            if key in ov:
+                raise ValueError(f"--variant {spec!r}: key {key!r} given twice")
+            ov[key] = val
+        if not ov:
+            raise ValueError("--variant '': empty variant")
+        if ov in variants:
+            raise ValueError(f"--variant {spec!r}: given twice")
+        variants.append(ov)
+    return variants
+
+
 def parse_extra(specs: list[str]) -> dict[str, str]:
     """``["k=v", ...]`` -> dict, checking the form."""
     extra: dict[str, str] = {}
@@ -157,9 +185,16 @@ class Job:
         }
 
 
-def expand(grid: dict[str, list[str]], seeds: list[int], root: Path) -> list[Job]:
-    """Cartesian product of the grid values x seeds (seed-major: every variant of seed 0 first)."""
-    combos = [dict(zip(grid, vals, strict=True)) for vals in itertools.product(*grid.values())]
+def expand(
+    grid: dict[str, list[str]], seeds: list[int], root: Path, variants: list[dict[str, str]] | None = None
+) -> list[Job]:
+    """Cartesian product of the --variant sets x grid values x seeds (seed-major: every variant of seed 0
+    first)."""
+    combos = [
+        {**var, **dict(zip(grid, vals, strict=True))}
+        for var in (variants or [{}])
+        for vals in itertools.product(*grid.values())
+    ]
     jobs = [
         Job(name=variant_name(ov, s), overrides=ov, seed=s, dir=root / variant_name(ov, s))
         for s in seeds
@@ -413,6 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--grid", action="append", default=[], metavar="KEY=V1,V2", help="a grid axis (repeatable)"
     )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="'K=V K2=V2'",
+        help="one set of overrides, quoted (repeatable; the variants form a grid axis)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
     p.add_argument("--out", required=True, help="ablation root directory")
     par = p.add_mutually_exclusive_group()
@@ -461,10 +503,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         grid = parse_grid(args.grid)
+        variants = parse_variants(args.variant, grid)
         extra = parse_extra(args.extra)
-        clash = sorted(set(extra) & (set(grid) | {"seed", TB_KEY}))
+        variant_keys = {k for v in variants for k in v}
+        clash = sorted(set(extra) & (set(grid) | variant_keys | {"seed", TB_KEY}))
         if clash:
-            raise ValueError(f"--extra sets {clash}, which the grid/seeds/TensorBoard dir already set")
+            raise ValueError(f"--extra sets {clash}, which the grid/variants/seeds/TensorBoard dir already set")
         if len(set(args.seeds)) != len(args.seeds):
             raise ValueError(f"--seeds has duplicates: {args.seeds}")
         if args.torchrun < 0:
@@ -477,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.config).is_file():
         parser.error(f"--config {args.config}: no such file")
     root = Path(args.out)
-    jobs = expand(grid, args.seeds, root)
+    jobs = expand(grid, args.seeds, root, variants)
     for job in jobs:
         job.command = build_command(job, args, extra, root)
     if args.dry_run:
@@ -501,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "config": args.config,
         "grid": grid,
+        "variants": variants,
         "seeds": args.seeds,
         "extra": extra,
         "train_script": args.train_script,
