@@ -200,7 +200,7 @@ def test_shapes_config_loads() -> None:
     cfg = load_config(SHAPES_YAML)
     assert cfg.data.dataset == "shapes" and cfg.data.transforms == "shapes"
     assert cfg.model.backbone == "tiny" and cfg.model.pretrained is False and cfg.model.backbone_weights is None
-    assert (cfg.model.hidden_dim, cfg.model.enc_layers, cfg.model.dec_layers) == (128, 2, 3)
+    assert (cfg.model.hidden_dim, cfg.model.enc_layers, cfg.model.dim_feedforward, cfg.model.dec_layers) == (128, 1, 256, 3)
     assert cfg.model.dropout == 0.0 and cfg.model.aux_loss is True
     assert cfg.model.query_type == "anchor" and cfg.model.anchor_sigma > 0
     assert cfg.matcher.name == "hungarian" and cfg.loss.cls == "focal"
@@ -213,6 +213,11 @@ def test_shapes_ablation_config_is_the_shapes_preset_shortened() -> None:
     assert abl.matcher == base.matcher and abl.loss == base.loss and abl.data.shapes == base.data.shapes
     assert 0 < abl.train.max_iters_per_epoch < base.data.shapes.num_train // base.data.batch_size
     assert max(abl.optim.lr_drop) < abl.train.epochs
+    # The model the committed docs/ablation figures were measured with, whatever the preset becomes.
+    m = abl.model
+    assert (m.tiny_widths, m.hidden_dim, m.enc_layers, m.dim_feedforward, m.dec_layers) == ([16, 32, 64, 128], 128, 2,
+                                                                                            512, 3)
+    assert (m.num_queries, m.dropout, m.anchor_sigma) == (20, 0.0, 0.5)
 
 
 def test_detr_r50_coco_config_has_the_paper_hyperparameters() -> None:

@@ -54,14 +54,17 @@ def test_classification_term_is_the_ranking_loss_of_the_matched_positives(cls: s
     assert outputs["pred_logits"].grad.abs().sum() > 0 and outputs["pred_boxes"].grad.abs().sum() > 0
 
 
-def test_rs_box_losses_are_balanced_by_value() -> None:
-    """RS: w_bbox * loss_bbox + w_giou * loss_giou equals the RS loss value (balance by value)."""
+@pytest.mark.parametrize("box_scale", [1.0, 3.0])
+def test_rs_box_losses_are_balanced_by_value(box_scale: float) -> None:
+    """RS: w_bbox * loss_bbox + w_giou * loss_giou equals box_scale times the RS loss value (balance by value)."""
     gen = torch.Generator().manual_seed(1)
     outputs, targets = batch(gen)
-    cfg = load_config(None, ["loss.cls=rs", "loss.rs.aux_focal=0", "model.aux_loss=false"])
+    cfg = load_config(None, ["loss.cls=rs", "loss.rs.aux_focal=0", "model.aux_loss=false",
+                             f"loss.rs.box_scale={box_scale}"])
     out = build_criterion(cfg, 3)(outputs, targets)
     box = cfg.loss.bbox_weight * out["loss_bbox"] + cfg.loss.giou_weight * out["loss_giou"]
-    assert float(box) == pytest.approx(float(out["loss_cls"]), rel=1e-5)
+    assert float(out["loss_cls"]) > 0.1
+    assert float(box) == pytest.approx(box_scale * float(out["loss_cls"]), rel=1e-5)
 
 
 def test_alrp_self_balance_in_state_dict() -> None:

@@ -54,7 +54,15 @@ class RankingOptions:
 
 @dataclass
 class RSOptions(RankingOptions):
+    """Plus ``box_scale``: the box loss is balanced to ``box_scale`` times the RS Loss value (1: the paper)."""
+
     delta: float = 0.5
+    box_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.box_scale < 0:
+            raise ValueError(f"box_scale={self.box_scale} must be >= 0")
 
 
 @dataclass
@@ -156,6 +164,7 @@ class RSLoss(_PositivesMixin, ClassificationLoss):
         weights = self.pair_weights(terms.l1, b, q, g, top * world / top_norm)
         mean_loss, mean_box = loss_all / n_all.clamp_min(1.0), box_all / top_norm
         scale = torch.where(mean_box > 1e-12, mean_loss / mean_box.clamp(min=1e-12), torch.zeros_like(mean_box))
+        scale = scale * self.options.box_scale
         loss = loss / (n_all.clamp_min(1.0) / world).to(loss.dtype)
         return loss + self.aux_focal_term(logits, pos, num_boxes), BoxReweighting(weights, scale.to(loss.dtype))
 
