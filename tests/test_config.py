@@ -200,7 +200,8 @@ def test_shapes_config_loads() -> None:
     cfg = load_config(SHAPES_YAML)
     assert cfg.data.dataset == "shapes" and cfg.data.transforms == "shapes"
     assert cfg.model.backbone == "tiny" and cfg.model.pretrained is False and cfg.model.backbone_weights is None
-    assert (cfg.model.hidden_dim, cfg.model.enc_layers, cfg.model.dim_feedforward, cfg.model.dec_layers) == (128, 1, 256, 3)
+    m = cfg.model
+    assert (m.hidden_dim, m.enc_layers, m.dim_feedforward, m.dec_layers) == (128, 1, 256, 3)
     assert cfg.model.dropout == 0.0 and cfg.model.aux_loss is True
     assert cfg.model.query_type == "anchor" and cfg.model.anchor_sigma > 0
     assert cfg.matcher.name == "hungarian" and cfg.loss.cls == "focal"
