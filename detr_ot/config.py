@@ -305,7 +305,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data = apply_overrides(data, overrides or [])
     cfg = from_dict(Config, data)
     validate(cfg)
+    _fill_selected_options(cfg)
     return cfg
+
+
+def _fill_selected_options(cfg: Config) -> None:
+    """Give the selected matcher and loss their default options where none were set, so that a dumped
+    config (``config.yaml`` of a run) records every value the run used, not only the ones overridden."""
+    from detr_ot.losses import CLASSIFICATION_LOSSES
+    from detr_ot.matching import MATCHERS
+
+    for section, name, registry in ((cfg.matcher, cfg.matcher.name, MATCHERS),
+                                    (cfg.loss, cfg.loss.cls, CLASSIFICATION_LOSSES)):
+        opt_cls = registry.options(name)
+        if opt_cls is not None and name not in section.options:
+            section.options[name] = opt_cls()
 
 
 def validate(cfg: Config) -> None:

@@ -235,6 +235,18 @@ def test_detr_r50_coco_config_has_the_paper_hyperparameters() -> None:
     assert (cfg.loss.cls_weight, cfg.loss.bbox_weight, cfg.loss.giou_weight, cfg.loss.eos_coef) == (1, 5, 2, 0.1)
 
 
+def test_dumped_config_records_the_selected_options() -> None:
+    """A run's config.yaml holds every option of its matcher and loss, so a later change of defaults cannot
+    change what an old config means."""
+    from detr_ot.losses.ranking_cls import RSOptions
+    from detr_ot.matching.gu import GUOptions
+
+    d = to_dict(load_config(None, ["matcher.name=gu", "loss.cls=rs", "loss.rs.delta=0.25"]))
+    assert d["matcher"]["gu"] == to_dict(GUOptions())
+    assert d["loss"]["rs"] == {**to_dict(RSOptions()), "delta": 0.25}
+    assert "sinkhorn" not in d["matcher"] and "alrp" not in d["loss"]
+
+
 @pytest.mark.parametrize("path", [SHAPES_YAML, COCO_YAML], ids=["shapes", "detr_r50_coco"])
 def test_resolved_config_round_trips(path: Path, tmp_path: Path) -> None:
     overrides = ["optim.lr_drop=3,5", "model.backbone_weights=/x/w.pth", "train.amp=true", "seed=5"]
