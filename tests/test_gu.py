@@ -28,8 +28,9 @@ def random_problem(counts: list[int], queries: int, seed: int, dtype=torch.float
 
 
 def backward_of(cost: torch.Tensor, mask: torch.Tensor, g: torch.Tensor, **options) -> torch.Tensor:
+    """dL/dC of ``<P(C), g>`` through GU; ``scale`` 1 unless given (the rules themselves, not the defaults)."""
     c = cost.clone().requires_grad_(True)
-    plan = gu_assign(c, mask, GUOptions(**options), training=True)
+    plan = gu_assign(c, mask, GUOptions(**{"scale": 1.0, **options}), training=True)
     (plan * g).sum().backward()
     return c.grad
 
@@ -57,6 +58,17 @@ def test_forward_is_hungarian_and_m_column_reduction_is_exact():
     for b, n in enumerate([3, 2, 1]):  # constant background cost: the M-column solve is the full problem's
         full = torch.cat([torch.full((5, 1), 0.37, dtype=cost.dtype), cost[b, :, :n]], 1)
         assert torch.equal(plan[b, :, : n + 1], brute_force_full(full, n))
+
+
+def test_default_scale_and_projection_per_target():
+    """Defaults that trained on the shapes ablation (README, "GU targets"): blackbox at full weight; identity
+    (mean_norm projection) and perturbed at 0.05. An explicit scale is kept."""
+    assert GUOptions().target == "blackbox" and GUOptions().scale == 1.0
+    assert GUOptions(target="identity").scale == 0.05 and GUOptions(target="identity").projection == "mean_norm"
+    assert GUOptions(target="perturbed").scale == 0.05
+    assert GUOptions(target="perturbed", scale=2.0).scale == 2.0
+    with pytest.raises(ValueError):
+        GUOptions(scale=-1.0)
 
 
 def test_identity_returns_minus_g():
@@ -120,7 +132,7 @@ def test_perturbed_matches_smoothed_derivative_on_2x1():
     cost = torch.tensor([[[0.2], [0.5]]], dtype=torch.float64)
     mask = torch.ones(1, 1, dtype=torch.bool)
     g = torch.tensor([[[0.3, 1.0], [-0.4, -0.9]]], dtype=torch.float64)
-    opts = GUOptions(target="perturbed", sigma=sigma, samples=k, forward="mean")
+    opts = GUOptions(target="perturbed", sigma=sigma, samples=k, forward="mean", scale=1.0)
     c = cost.clone().requires_grad_(True)
     plan = gu_assign(c, mask, opts)
     (plan * g).sum().backward()

@@ -241,7 +241,7 @@ def run(device: str, args: argparse.Namespace) -> None:
     mask = padded.mask
     g = torch.randn(args.batch, args.queries, cost.shape[2] + 1, device=device)
     rules = {
-        "identity (mean projection)": GUOptions(target="identity"),
+        "identity (mean projection)": GUOptions(target="identity", projection="mean"),
         "identity (mean_norm projection)": GUOptions(target="identity", projection="mean_norm"),
         "blackbox (lambda 10)": GUOptions(target="blackbox"),
         "perturbed (K=8, sigma 0.5)": GUOptions(target="perturbed"),

@@ -68,6 +68,7 @@ from detr_ot.matching.pairwise import CostWeights, PairwiseTerms, matching_cost
 _TARGETS = ("identity", "blackbox", "perturbed")
 _PROJECTIONS = ("none", "mean", "norm", "mean_norm")
 _FORWARDS = ("hard", "mean")
+_DEFAULT_SCALE = {"blackbox": 1.0, "identity": 0.05, "perturbed": 0.05}
 
 
 @dataclass
@@ -75,10 +76,12 @@ class GUOptions:
     """Config keys ``matcher.gu.<field>``.
 
     target: ``identity`` | ``blackbox`` | ``perturbed`` (the rule for ``P(C)*``, module docstring).
-    scale: weight of the returned ``dL/dC`` (identity at full weight collapsed training in the prototype,
-        0.05 trained). per_query: also divide by the number of queries Q.
+    scale: weight of the returned ``dL/dC``; by default 1 for blackbox, 0.05 for identity and perturbed
+        (``_DEFAULT_SCALE``: at 1 both collapsed training on the shapes ablation, at 0.05 they trained; README,
+        "GU targets"). per_query: also divide by the number of queries Q.
     projection: identity only: ``none`` | ``mean`` (per-ground-truth-column mean over queries removed) |
-        ``norm`` | ``mean_norm`` (002, sec. 3.4).
+        ``norm`` | ``mean_norm`` (002, sec. 3.4). Default ``mean_norm``: the only one that trained (``none``
+        and ``mean`` collapsed even at scale 0.01, see the module docstring).
     margin: noise-induced margin (002, sec. 3.6): in training, the solver sees ``C + xi`` with xi uniform on
         ``{-margin/2, +margin/2}`` per entry; 0 disables. Applies to every target (the backward is computed at
         the noisy cost the forward used).
@@ -88,9 +91,9 @@ class GUOptions:
     """
 
     target: str = "blackbox"
-    scale: float = 1.0
+    scale: float | None = None  # None: _DEFAULT_SCALE[target]
     per_query: bool = False
-    projection: str = "mean"
+    projection: str = "mean_norm"
     margin: float = 0.0
     lam: float = 10.0
     sigma: float = 0.5
@@ -105,6 +108,10 @@ class GUOptions:
         ):
             if value not in allowed:
                 raise ValueError(f"matcher.gu.{name}={value!r}: use one of {list(allowed)}")
+        if self.scale is None:
+            self.scale = _DEFAULT_SCALE[self.target]
+        if self.scale < 0:
+            raise ValueError(f"matcher.gu.scale={self.scale} must be >= 0")
         if self.lam <= 0 or self.sigma <= 0 or self.samples < 1 or self.margin < 0:
             raise ValueError(
                 f"matcher.gu: lam={self.lam} and sigma={self.sigma} must be > 0, "
