@@ -102,6 +102,15 @@ def parse_grid(specs: list[str]) -> dict[str, list[str]]:
     return grid
 
 
+def _split_pair(item: str, flag: str, spec: str, allow_empty: bool) -> tuple[str, str]:
+    """``"key=value"`` -> ``(key, value)``, with an error naming the flag and its argument ``spec``."""
+    key, sep, val = item.partition("=")
+    key = key.strip()
+    if not sep or not key or (val == "" and not allow_empty):
+        raise ValueError(f"{flag} {spec!r}: expected key=value, got {item!r}")
+    return key, val
+
+
 def parse_variants(specs: list[str], grid: dict[str, list[str]]) -> list[dict[str, str]]:
     """``["a=1 b=2", "a=3"]`` -> ``[{"a": "1", "b": "2"}, {"a": "3"}]``: each --variant is whitespace-separated
     ``key=value`` pairs (shell quoting honoured); no key may also be a grid axis or ``seed``."""
@@ -109,10 +118,7 @@ def parse_variants(specs: list[str], grid: dict[str, list[str]]) -> list[dict[st
     for spec in specs:
         ov: dict[str, str] = {}
         for item in shlex.split(spec):
-            key, sep, val = item.partition("=")
-            key = key.strip()
-            if not sep or not key or val == "":
-                raise ValueError(f"--variant {spec!r}: expected 'key=value key2=value2 ...', got {item!r}")
+            key, val = _split_pair(item, "--variant", spec, allow_empty=False)
             if key == "seed" or key in grid:
                 raise ValueError(f"--variant {spec!r}: {key!r} is set by --seeds/--grid")
             if key in ov:
@@ -130,10 +136,8 @@ def parse_extra(specs: list[str]) -> dict[str, str]:
     """``["k=v", ...]`` -> dict, checking the form."""
     extra: dict[str, str] = {}
     for spec in specs:
-        key, sep, val = spec.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--extra {spec!r}: expected key=value")
-        extra[key.strip()] = val
+        key, val = _split_pair(spec, "--extra", spec, allow_empty=True)
+        extra[key] = val
     return extra
 
 
