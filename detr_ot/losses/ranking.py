@@ -81,11 +81,9 @@ class _Layout:
 
     x: Tensor  # (G, N) detached logits in the work dtype promote(dtype, float32): the update's dtype
     pos: Tensor  # (G, N) bool
-    gi: Tensor  # (P,) group of each positive, in pos_mask.nonzero() order (row-major)
-    ni: Tensor  # (P,) column of each positive
-    slot: Tensor  # (P,) index of each positive inside its group
-    flat_pos: Tensor  # (P,) gi * N + ni: index into x.view(-1)
-    flat_slot: Tensor  # (P,) gi * Pmax + slot: index into a (G, Pmax) tensor viewed flat
+    total: int  # P, positives of all groups
+    flat_pos: Tensor  # (P,) index of each positive into x.view(-1), in pos_mask.nonzero() order (row-major)
+    flat_slot: Tensor | None  # (P,) group * Pmax + index inside the group: into a flat (G, Pmax); None if full
     valid: Tensor  # (G, Pmax) bool, real positive slots
     sp: Tensor  # (G, Pmax) float64 positive logits (0 on padding)
     npos: Tensor  # (G,) float64 number of positives
@@ -125,34 +123,32 @@ def _layout(fn: str, logits: Tensor, pos_mask: Tensor, delta: float) -> _Layout:
     if squeeze:
         x, pos = x.unsqueeze(0), pos.unsqueeze(0)
     g, n = x.shape
-    gi, ni = pos.nonzero(as_tuple=True)  # row-major: gi is sorted
-    npos = gi.numel()  # host sync (nonzero; with G > 1 also Pmax): the shapes depend on it
+    flat_pos = pos.view(-1).nonzero().view(-1)  # row-major: grouped by group
+    total = flat_pos.numel()  # host sync (nonzero; with G > 1 also Pmax): the shapes depend on it
+    values = x.view(-1).index_select(0, flat_pos).to(_F64)
     if g == 1:
-        counts = torch.full((1,), npos, dtype=torch.long, device=x.device)
-        pmax = npos
-        slot = flat_slot = torch.arange(npos, device=x.device)
-        flat_pos = ni
-        valid = torch.ones(1, npos, dtype=torch.bool, device=x.device)
-        sp = x.reshape(-1).index_select(0, ni).to(_F64).unsqueeze(0)
-    else:
-        counts = torch.bincount(gi, minlength=g)
-        pmax = int(counts.max()) if npos else 0
-        first = counts.cumsum(0) - counts  # index of each group's first positive
-        slot = torch.arange(npos, device=gi.device) - first.index_select(0, gi)
-        flat_slot = gi * pmax + slot
-        flat_pos = gi * n + ni
-        valid = torch.zeros(g * pmax, dtype=torch.bool, device=x.device).index_fill_(0, flat_slot, True)
-        valid = valid.view(g, pmax)
-        sp = torch.zeros(g * pmax, dtype=_F64, device=x.device)
-        sp = sp.index_copy_(0, flat_slot, x.reshape(-1).index_select(0, flat_pos).to(_F64)).view(g, pmax)
-    full = npos == g * pmax
-    return _Layout(x, pos, gi, ni, slot, flat_pos, flat_slot, valid, sp, counts.to(_F64), pmax, squeeze, full)
+        valid = torch.ones(1, total, dtype=torch.bool, device=x.device)
+        npos = torch.full((1,), float(total), dtype=_F64, device=x.device)
+        return _Layout(x, pos, total, flat_pos, None, valid, values.unsqueeze(0), npos, total, squeeze, True)
+    gi = torch.div(flat_pos, n, rounding_mode="floor")
+    counts = torch.bincount(gi, minlength=g)
+    pmax = int(counts.max()) if total else 0
+    first = counts.cumsum(0) - counts  # index of each group's first positive
+    slot = torch.arange(total, device=x.device) - first.index_select(0, gi)
+    flat_slot = gi * pmax + slot
+    valid = torch.zeros(g * pmax, dtype=torch.bool, device=x.device).index_fill_(0, flat_slot, True)
+    sp = torch.zeros(g * pmax, dtype=_F64, device=x.device).index_copy_(0, flat_slot, values)
+    full = total == g * pmax
+    return _Layout(
+        x, pos, total, flat_pos, None if full else flat_slot, valid.view(g, pmax), sp.view(g, pmax),
+        counts.to(_F64), pmax, squeeze, full,
+    )
 
 
 def _check_per_positive(fn: str, name: str, values: Tensor, lay: _Layout) -> None:
-    if values.dim() != 1 or values.numel() != lay.gi.numel():
+    if values.dim() != 1 or values.numel() != lay.total:
         raise ValueError(
-            f"{_HERE}:{fn}: {name} must be (P,) with P = pos_mask.sum() = {lay.gi.numel()} "
+            f"{_HERE}:{fn}: {name} must be (P,) with P = pos_mask.sum() = {lay.total} "
             f"(positives in pos_mask.nonzero() order), got {tuple(values.shape)}"
         )
 
@@ -173,9 +169,9 @@ def _bucket_index(bps: Tensor, nfinite: Tensor | None, s: Tensor, force_search: 
     ``b <= s`` implies ``cell(b) <= cell(s)`` and ``cell(b) > cell(s)`` implies ``b > s``: the count is the
     number of breakpoints in earlier cells (a table lookup) plus exact comparisons with the ``T`` breakpoints
     from the start of ``s``'s cell on (``T`` = most breakpoints in one cell; those of later cells compare
-    False). ``M`` is chosen so that distinct breakpoints usually get their own cell (``T = 1``), within a
-    table budget of about ``N / 4`` entries. Exact; falls back to the binary search when more than 8
-    breakpoints share a cell.
+    False). ``M = max(16 * 2P, N / (4G))`` cells per group (a table of about ``N / 4`` entries), so that
+    distinct breakpoints usually get their own cell (``T = 1``). Exact; falls back to the binary search when
+    more than 8 breakpoints share a cell.
     """
     g, b = bps.shape
     n = s.shape[1]
@@ -189,47 +185,42 @@ def _bucket_index(bps: Tensor, nfinite: Tensor | None, s: Tensor, force_search: 
 
     if force_search or s.device.type != "cpu":
         return search()
-    full = nfinite is None  # every breakpoint finite (e.g. one group): skip the padding masks
-    gaps = bps.diff(dim=1)
-    if full:
+    m = max(_GRID_CELLS_PER_BREAKPOINT * b, n // (4 * g))  # cells per group
+    if nfinite is None:  # every breakpoint finite (e.g. one group): no padding to mask
         first, span = bps[:, :1], bps[:, -1:] - bps[:, :1]
-        gaps = gaps.masked_fill(gaps <= 0, math.inf)
     else:
         finite = torch.arange(b, device=s.device).unsqueeze(0) < nfinite.unsqueeze(1)
         zero = bps.new_zeros(())
         first = torch.where(nfinite > 0, bps[:, 0], zero).unsqueeze(1)
         last = bps.gather(1, (nfinite - 1).clamp_min(0).unsqueeze(1))
         span = torch.where(nfinite.unsqueeze(1) > 0, last - first, zero)
-        gaps = torch.where(finite[:, 1:] & (gaps > 0), gaps, math.inf)
-    span_max, gap_min = torch.stack([span.max(), gaps.min() if gaps.numel() else span.max()]).tolist()
-    m = _GRID_CELLS_PER_BREAKPOINT * b
-    if 0.0 < gap_min < math.inf and span_max > 0.0:
-        m = int(min(max(m, 2.0 * span_max / gap_min + 1.0), max(m, n // (4 * g))))
     scale = (m / span).nan_to_num_(0.0, 0.0, 0.0)  # span 0 (no breakpoint): every logit in cell 0
 
     def cell(x: Tensor) -> Tensor:  # the same float operations for breakpoints and logits
         y = x - first
         return y.mul_(scale).clamp_(0, m - 1).to(i32)
 
-    if full:
+    if nfinite is None:
         bcell = cell(bps)
     else:
         bcell = torch.where(finite, cell(torch.where(finite, bps, first)), m)  # padding: cell m, never hit
+    # shifted[g, c + 1] = breakpoints of group g in cell c, so that its running sum counts those before c
+    bcell += 1
     if g > 1:
-        bcell += (torch.arange(g, device=s.device, dtype=i32) * (m + 1)).unsqueeze(1)
-    per_cell = torch.bincount(bcell.view(-1), minlength=g * (m + 1)).view(g, m + 1)
-    t_max = int(per_cell[:, :m].max())
+        bcell += (torch.arange(g, device=s.device, dtype=i32) * (m + 2)).unsqueeze(1)
+    shifted = torch.bincount(bcell.view(-1), minlength=g * (m + 2)).view(g, m + 2)
+    t_max = int(shifted[:, 1 : m + 1].max())  # host sync: the number of comparison passes
     if t_max > _GRID_MAX_PER_CELL:
         return search()
     stride = b + max(t_max, 1)  # rows of the padded breakpoints; also the bucket stride of the groups
     # before[g, c] = g * stride + number of breakpoints of group g in cells < c
-    before = F.pad(per_cell.cumsum(1), (1, 0))[:, : m + 1]
+    before = shifted[:, : m + 1].cumsum(1, dtype=i32)
     if g > 1:
-        before = before + (torch.arange(g, device=s.device) * stride).unsqueeze(1)
+        before += (torch.arange(g, device=s.device, dtype=i32) * stride).unsqueeze(1)
     cs = cell(s)
     if g > 1:
         cs += (torch.arange(g, device=s.device, dtype=i32) * (m + 1)).unsqueeze(1)
-    key = before.to(i32).reshape(-1).index_select(0, cs.view(-1))  # first breakpoint of s's cell
+    key = before.view(-1).index_select(0, cs.view(-1))  # first breakpoint of s's cell
     del cs
     if t_max:
         padded = F.pad(bps, (0, stride - b), value=math.inf).reshape(-1)  # key + t stays inside its row
@@ -245,9 +236,8 @@ def _bucket_index(bps: Tensor, nfinite: Tensor | None, s: Tensor, force_search: 
 class _Buckets:
     """Negatives bucketed by the sorted breakpoints ``s_i -+ delta`` of their group."""
 
-    key: Tensor  # (G, N) flat bucket id g * K + k; positives go to the dummy bin G * K
-    enter: Tensor  # (G, Pmax, 2) first linear bucket of positive i (lo_i + 1), twice (for 2-column gathers)
-    leave: Tensor  # (G, Pmax, 2) first saturated bucket of positive i (up_i + 1), twice
+    key: Tensor  # (G, N) flat bucket id g * K + k; positives go to bucket 0 (H = 0 there for every i)
+    where: Tensor  # (G, 2 Pmax) sorted positions [lo_i | up_i] of the breakpoints s_i - delta, s_i + delta
     nfp: Tensor  # (G, Pmax) N_FP(i) = sum_{j in N} H(s_j - s_i), 0 on padding
     nbuckets: int  # K >= 2 Pmax + 1, the bucket stride of the groups (buckets beyond 2 Pmax are empty)
 
@@ -260,6 +250,7 @@ def _bucket_negatives(lay: _Layout, delta: float) -> _Buckets:
     ``(s_j - s_i) / (2 delta) + 1/2`` on buckets ``lo_i + 1 .. up_i`` and 1 above, so
     ``N_FP(i) = n_above + (sum_lin s_j - s_i n_lin) / (2 delta) + n_lin / 2`` from bucket prefix sums.
     A logit exactly on a breakpoint may fall in either adjacent bucket: ``H`` is continuous, so both agree.
+    Bucket 0 holds the pruned negatives (and, here, the positives): it is left out of the sums.
     """
     g, n = lay.x.shape
     p = lay.pmax
@@ -269,30 +260,26 @@ def _bucket_negatives(lay: _Layout, delta: float) -> _Buckets:
     bps = torch.sort(bp, dim=1).values
     # sorted position of each breakpoint (the first of equal ones: buckets between equal breakpoints are
     # empty, so any of them is as good)
-    where_sorted = torch.searchsorted(bps, bp)
-    lo, up = where_sorted[:, :p], where_sorted[:, p:]
+    where = torch.searchsorted(bps, bp)
 
     # bucket of each logit, in [0, 2P], in the work dtype (float32 logits: breakpoints rounded to float32,
     # which only moves logits within an ulp of a breakpoint, where H is continuous)
     key, k = _bucket_index(bps.to(lay.x.dtype), None if lay.full else 2 * lay.npos.long(), lay.x)
-    key.masked_fill_(lay.pos, g * k)  # positives: dummy bin, excluded from the sums
     flat = key.view(-1)
-    cnt = torch.bincount(flat, minlength=g * k + 1)
-    ssum = torch.bincount(flat, weights=lay.x.reshape(-1).to(_F64), minlength=g * k + 1)  # float64 sums
-    stats = torch.stack([cnt.to(_F64), ssum], 1)[: g * k].view(g, k, 2)  # [count, sum of logits] per bucket
-    # prefix[:, m] = totals over buckets 1 .. m-1; bucket 0 (the pruned negatives) is never read
-    prefix = F.pad(stats[:, 1:].cumsum(1), (0, 0, 2, 0))
-    enter = (lo + 1).unsqueeze(2).expand(g, p, 2)
-    leave = (up + 1).unsqueeze(2).expand(g, p, 2)
-    at_lo = prefix.gather(1, enter)
-    at_up = prefix.gather(1, leave)
-    n_lin, s_lin = (at_up - at_lo).unbind(2)
-    n_above = prefix[:, k, 0:1] - at_up[..., 0]  # prefix[:, k]: all buckets of the group
+    flat.index_fill_(0, lay.flat_pos, 0)  # positives: bucket 0 of group 0, left out below (O(P), no pass)
+    cnt = torch.bincount(flat, minlength=g * k)
+    ssum = torch.bincount(flat, weights=lay.x.reshape(-1).to(_F64), minlength=g * k)  # float64 sums
+    stats = torch.stack([cnt.to(_F64), ssum], 1).view(g, k, 2)  # [count, sum of logits] per bucket
+    stats[:, 0] = 0.0
+    cum = stats.cumsum(1)  # cum[:, m]: totals over buckets 1 .. m
+    at = cum.gather(1, where.unsqueeze(2).expand(g, 2 * p, 2))  # at lo_i and at up_i
+    n_lin, s_lin = (at[:, p:] - at[:, :p]).unbind(2)
+    n_above = cum[:, -1, 0:1] - at[:, p:, 0]
     nfp = n_above + (s_lin - lay.sp * n_lin) / (2.0 * delta) + 0.5 * n_lin
     nfp.clamp_min_(0.0)
     if not lay.full:
         nfp.masked_fill_(~lay.valid, 0.0)
-    return _Buckets(key, enter, leave, nfp, k)
+    return _Buckets(key, where, nfp, k)
 
 
 def _negative_update(lay: _Layout, bk: _Buckets, coef: Tensor, delta: float) -> Tensor:
@@ -302,22 +289,25 @@ def _negative_update(lay: _Layout, bk: _Buckets, coef: Tensor, delta: float) -> 
     difference array (positive ``i`` enters the linear part ``coef_i ((s_j - s_i) / (2 delta) + 1/2)`` at
     bucket ``lo_i + 1`` and saturates to ``coef_i`` at ``up_i + 1``), then one gather per logit.
     """
-    g = coef.shape[0]
+    g, p = coef.shape
     k = bk.nbuckets
     if not lay.full:
         coef = coef.masked_fill(~lay.valid, 0.0)
-    lin0 = coef * (0.5 - lay.sp / (2.0 * delta))
     slope = coef / (2.0 * delta)
-    steps = torch.stack([lin0, slope, coef - lin0, -slope], 2)  # (G, P, 4): [A, B] on entering, on leaving
-    diff = coef.new_zeros(g, k + 1, 2)
-    diff.scatter_add_(1, bk.enter, steps[..., :2]).scatter_add_(1, bk.leave, steps[..., 2:])
-    # (G*K + 1, 2) table of [A, B], the last row (zeros) is the positives' dummy bin; formed in the work
-    # dtype (float32 for float32 logits), as is the update
-    table = F.pad(diff.cumsum(1)[:, :k].reshape(-1, 2), (0, 0, 0, 1)).t().to(lay.x.dtype, copy=True)
+    lin0 = coef * 0.5 - slope * lay.sp
+    # [A, B] steps at lo_i + 1 (enter the linear part) and at up_i + 1 (saturate): (G, 2P, 2)
+    steps = torch.stack([torch.cat([lin0, coef - lin0], 1), torch.cat([slope, -slope], 1)], 2)
+    diff = coef.new_zeros(g, k, 2)  # up_i + 1 <= 2P < K: every step lands inside its group
+    diff.scatter_add_(1, (bk.where + 1).unsqueeze(2).expand(g, 2 * p, 2), steps)
+    # (G*K, 2) table of [A, B] in the work dtype (float32 for float32 logits), as is the update; bucket 0 of
+    # every group is 0, which is where the positives are
+    table = diff.cumsum(1).view(-1, 2).t().to(lay.x.dtype, copy=True)
     key = bk.key.view(-1)
-    u = table[1].index_select(0, key)  # index_select, not table[1][key]: advanced indexing is slow
-    u.mul_(lay.x.reshape(-1)).add_(table[0].index_select(0, key)).clamp_min_(0.0)  # >= 0: terms are >= 0
-    return u.view(lay.x.shape)
+    # index_select, not table[1][key]: advanced indexing is slow. Separate multiply and add (not addcmul, whose
+    # vectorised body may fuse them): the rounding of a logit's update must not depend on its position in
+    # the tensor, so that a group gives the same update alone or batched with others. >= 0: terms are >= 0.
+    u = table[1].index_select(0, key).mul_(lay.x.reshape(-1)).add_(table[0].index_select(0, key))
+    return u.clamp_min_(0.0).view(lay.x.shape)
 
 
 def _assemble_update(lay: _Layout, u: Tensor, g_pos: Tensor) -> Tensor:
@@ -335,16 +325,15 @@ def _row_chunks(lay: _Layout, max_chunk_bytes: int, n_live: int = 6) -> Iterator
         yield slice(start, min(p, start + step))
 
 
-def _pair_step(lay: _Layout, rows: slice, delta: float) -> Tensor:
-    """``H[g, r, k] = H(s_k - s_i)`` for ``i = rows[r]``, 0 for padded ``k``."""
-    h = _smooth_step(lay.sp.unsqueeze(1) - lay.sp[:, rows].unsqueeze(2), delta)
+def _pair_diff(lay: _Layout, rows: slice) -> Tensor:
+    """``D[g, r, k] = s_k - s_i`` for ``i = rows[r]`` (float64)."""
+    return lay.sp.unsqueeze(1) - lay.sp[:, rows].unsqueeze(2)
+
+
+def _pair_step(lay: _Layout, rows: slice, delta: float, diff: Tensor | None = None) -> Tensor:
+    """``H[g, r, k] = H(s_k - s_i)`` for ``i = rows[r]``, 0 for padded ``k``; ``1/2`` on the diagonal."""
+    h = _smooth_step(_pair_diff(lay, rows) if diff is None else diff, delta)
     return h if lay.full else h.mul_(lay.valid.unsqueeze(1))
-
-
-def _zero_diagonal(x: Tensor, rows: slice) -> Tensor:
-    r = torch.arange(rows.stop - rows.start, device=x.device)
-    x[:, r, r + rows.start] = 0.0
-    return x
 
 
 def _check_reduction(fn: str, reduction: str) -> None:
@@ -469,25 +458,34 @@ def ap_loss(
 def _alrp_pairs(
     lay: _Layout, bk: _Buckets, delta: float, loc_error: Tensor | None, mode: str, max_chunk_bytes: int
 ) -> tuple[Tensor, Tensor | None, Tensor]:
-    """``rank(i)``, ``sum_{k != i} H(x_ik) E_loc(k)`` and the raw localisation weights (``P x P`` part)."""
-    rank_pos = lay.sp.new_zeros(lay.sp.shape)
-    h_e = lay.sp.new_zeros(lay.sp.shape) if loc_error is not None else None
-    w = lay.sp.new_zeros(lay.sp.shape)
+    """``rank(i)``, ``sum_{k != i} H(x_ik) E_loc(k)`` and the raw localisation weights (``P x P`` part).
+
+    The diagonal ``k = i`` is not a term: it holds ``H(0) = 1/2`` (both steps) and is subtracted per row.
+    """
+    rank_pos = torch.empty_like(lay.sp)
+    h_e = torch.empty_like(lay.sp) if loc_error is not None else None
+    w = torch.zeros_like(lay.sp)
     for rows in _row_chunks(lay, max_chunk_bytes):
-        h = _zero_diagonal(_pair_step(lay, rows, delta), rows)
-        rank_rows = 1.0 + h.sum(-1)
+        diff = _pair_diff(lay, rows)
+        h = _pair_step(lay, rows, delta, diff)
+        rank_rows = h.sum(-1).add_(0.5)  # 1 + sum_{k != i} H(x_ik)
         rank_pos[:, rows] = rank_rows
         if h_e is not None:
-            h_e[:, rows] = (h * loc_error.unsqueeze(1)).sum(-1)
+            h_e[:, rows] = (h * loc_error.unsqueeze(1)).sum(-1) - 0.5 * loc_error[:, rows]
         inv_rank = 1.0 / (rank_rows + bk.nfp[:, rows])
-        if mode == "sorted":
-            diff = lay.sp.unsqueeze(1) - lay.sp[:, rows].unsqueeze(2)
-            h = (diff > 0).to(_F64) + 0.5 * (diff == 0).to(_F64)
-            h = _zero_diagonal(h.mul_(lay.valid.unsqueeze(1)), rows)
-        # column sums: w_k += sum_{i in rows} H(x_ik) / rank(i)
-        w += (h * inv_rank.masked_fill(~lay.valid[:, rows], 0.0).unsqueeze(2)).sum(1)
+        if not lay.full:
+            inv_rank.masked_fill_(~lay.valid[:, rows], 0.0)
+        if mode == "sorted":  # hard step [s_k > s_i], ties 1/2
+            h = torch.heaviside(diff, diff.new_full((), 0.5))
+            if not lay.full:
+                h.mul_(lay.valid.unsqueeze(1))
+        # column sums: w_k += sum_{i in rows, i != k} H(x_ik) / rank(i)
+        w += (h * inv_rank.unsqueeze(2)).sum(1)
+        w[:, rows] -= 0.5 * inv_rank
     rank = rank_pos + bk.nfp
-    w = (w + 1.0 / rank).masked_fill_(~lay.valid, 0.0)
+    w = w + 1.0 / rank
+    if not lay.full:
+        w.masked_fill_(~lay.valid, 0.0)
     return rank, h_e, w
 
 
@@ -548,9 +546,9 @@ def alrp_loss(
     e_loc = lay.pad(loc_error)
     rank, h_e, w = _alrp_pairs(lay, bk, delta, e_loc, loc_mode, max_chunk_bytes)
     z = lay.npos.clamp_min(1.0).unsqueeze(1)
-    values = (bk.nfp / rank).masked_fill(~lay.valid, 0.0).sum(1) / z.squeeze(1)
+    values = (bk.nfp / rank).sum(1) / z.squeeze(1)  # N_FP is 0 on padding
     if _wants_grad(logits):
-        active = lay.valid & (bk.nfp > eps)
+        active = bk.nfp > eps  # padding slots never reach the update (masked / dropped by unpad)
         err = torch.where(active, (bk.nfp + h_e) / rank, torch.zeros_like(rank))
         coef = torch.where(active, err / bk.nfp.clamp_min(1e-300), torch.zeros_like(err)) / z
         update = _assemble_update(lay, _negative_update(lay, bk, coef, delta), -err / z)
@@ -727,7 +725,7 @@ def rs_loss(
         return loss
     bk = _bucket_negatives(lay, delta)
     y = lay.pad(ious)
-    one_minus_y = (1.0 - y).masked_fill_(~lay.valid, 0.0)
+    one_minus_y = 1.0 - y  # padding columns of H are 0
     rank_pos = lay.sp.new_zeros(lay.sp.shape)
     sort_err = lay.sp.new_zeros(lay.sp.shape)
     g_sort = lay.sp.new_zeros(lay.sp.shape)  # sorting update, before the 1/|P|
@@ -738,21 +736,23 @@ def rs_loss(
         l_s = (h * one_minus_y.unsqueeze(1)).sum(-1) / rp.clamp_min(1e-300)
         ht = h * (y.unsqueeze(1) >= y[:, rows].unsqueeze(2))
         l_s_star = (ht * one_minus_y.unsqueeze(1)).sum(-1) / ht.sum(-1).clamp_min(1e-300)
-        err = (l_s - l_s_star).masked_fill_(~lay.valid[:, rows], 0.0)
+        err = l_s - l_s_star
+        if not lay.full:
+            err.masked_fill_(~lay.valid[:, rows], 0.0)
         sort_err[:, rows] = err
         missorted = h.sub_(ht)  # H(x_ik) [y_k < y_i]
         denom = missorted.sum(-1)
-        active = lay.valid[:, rows] & (denom > eps)
+        active = denom > eps
         err_act = torch.where(active, err, torch.zeros_like(err))
         g_sort[:, rows] -= err_act
         g_sort += (missorted * (err_act / denom.clamp_min(1e-300)).unsqueeze(2)).sum(1)
     rank = rank_pos + bk.nfp
-    l_r = (bk.nfp / rank.clamp_min(1e-300)).masked_fill_(~lay.valid, 0.0)
+    l_r = bk.nfp / rank.clamp_min(1e-300)  # N_FP is 0 on padding
     z = lay.npos.clamp_min(1.0).unsqueeze(1)
     rank_part = l_r.sum(1) / z.squeeze(1)
     sort_part = sort_err.sum(1) / z.squeeze(1)
     if _wants_grad(logits):
-        active = lay.valid & (bk.nfp > eps)
+        active = bk.nfp > eps  # padding slots never reach the update (masked / dropped by unpad)
         l_r_act = torch.where(active, l_r, torch.zeros_like(l_r))
         coef = torch.where(active, 1.0 / rank.clamp_min(1e-300), torch.zeros_like(l_r)) / z  # l_R / N_FP
         update = _assemble_update(lay, _negative_update(lay, bk, coef, delta), (g_sort - l_r_act) / z)
