@@ -47,7 +47,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -223,7 +222,7 @@ def _bucket_index(bps: Tensor, nfinite: Tensor | None, s: Tensor, force_search: 
     key = before.view(-1).index_select(0, cs.view(-1))  # first breakpoint of s's cell
     del cs
     if t_max:
-        padded = F.pad(bps, (0, stride - b), value=math.inf).reshape(-1)  # key + t stays inside its row
+        padded = torch.cat([bps, bps.new_full((g, stride - b), math.inf)], 1).view(-1)  # key + t in its row
         flat_s = s.reshape(-1)
         # T (usually 1) passes, not a loop over positives; all comparisons first, then the counts
         hits = [padded.index_select(0, key + t if t else key) <= flat_s for t in range(t_max)]
@@ -336,6 +335,13 @@ def _pair_step(lay: _Layout, rows: slice, delta: float, diff: Tensor | None = No
     return h if lay.full else h.mul_(lay.valid.unsqueeze(1))
 
 
+def _inv_count(lay: _Layout) -> Tensor | float:
+    """``1 / |P|`` of each group: a float for one group, else ``(G, 1)`` (1 for groups without positives)."""
+    if lay.x.shape[0] == 1:
+        return 1.0 / max(lay.total, 1)
+    return lay.npos.clamp_min(1.0).reciprocal_().unsqueeze(1)
+
+
 def _check_reduction(fn: str, reduction: str) -> None:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{_HERE}:{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -354,20 +360,33 @@ def _group_factor(lay: _Layout, reduction: str) -> Tensor | float | None:
 
 
 class _ErrorDriven(torch.autograd.Function):
-    """Returns precomputed per-group loss values; backward returns the precomputed error-driven update."""
+    """Returns precomputed per-group loss values, reduced; backward returns the precomputed error-driven update.
+
+    ``factor``: ``None`` returns the ``(G,)`` values; a float or 0-dim tensor returns ``factor * sum(values)``
+    (the reduction happens here, so that the graph has one node per loss call).
+    """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, values: Tensor, update: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, logits: Tensor, values: Tensor, update: Tensor, factor: Tensor | float | None
+    ) -> Tensor:
         ctx.save_for_backward(update)
         ctx.in_dtype = logits.dtype
         ctx.in_shape = logits.shape
-        return values.clone()
+        ctx.factor = factor
+        if factor is None:
+            return values.clone()
+        total = values.sum()
+        return total if isinstance(factor, float) and factor == 1.0 else total * factor
 
     @staticmethod
-    def backward(ctx, grad_values: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
         (update,) = ctx.saved_tensors
-        grad = update * grad_values.to(update.dtype).unsqueeze(-1)
-        return grad.to(ctx.in_dtype).reshape(ctx.in_shape), None, None
+        if ctx.factor is None:
+            grad = update * grad_out.to(update.dtype).unsqueeze(-1)
+        else:
+            grad = update * (grad_out * ctx.factor).to(update.dtype)
+        return grad.to(ctx.in_dtype).reshape(ctx.in_shape), None, None, None
 
 
 def _finish(fn: str, logits: Tensor, lay: _Layout, values: Tensor, update: Tensor | None, reduction: str) -> Tensor:
@@ -375,14 +394,17 @@ def _finish(fn: str, logits: Tensor, lay: _Layout, values: Tensor, update: Tenso
     _check_reduction(fn, reduction)
     out_dtype = torch.promote_types(logits.dtype, torch.float32)
     factor = _group_factor(lay, reduction)
+    if isinstance(factor, Tensor):
+        factor = factor.to(out_dtype)
     values = values.to(out_dtype)
     if update is not None:
         src = logits.unsqueeze(0) if lay.squeeze else logits
-        values = _ErrorDriven.apply(src, values, update.to(out_dtype))
+        out = _ErrorDriven.apply(src, values, update.to(out_dtype), factor)
+        return out.squeeze(0) if factor is None and lay.squeeze else out
     if factor is None:
         return values.squeeze(0) if lay.squeeze else values
     total = values.sum()
-    return total if isinstance(factor, float) else total * factor.to(out_dtype)
+    return total if isinstance(factor, float) else total * factor
 
 
 def _wants_grad(logits: Tensor) -> bool:
@@ -442,13 +464,13 @@ def ap_loss(
     chunks = [_pair_step(lay, rows, delta).sum(-1) for rows in _row_chunks(lay, max_chunk_bytes)]
     rank_pos = chunks[0] if len(chunks) == 1 else torch.cat(chunks, 1)
     rank = rank_pos.add_(0.5 + bk.nfp) if lay.full else (rank_pos + 0.5).masked_fill_(~lay.valid, 1.0) + bk.nfp
-    # 1 - prec^(i) = min_{s_k <= s_i} N_FP(k) / rank(k): computed as a fraction, accurate for tiny N_FP
-    err = _running_min_by_score(lay, bk.nfp / rank.clamp_min(1e-300))
-    z = lay.npos.clamp_min(1.0).unsqueeze(1)
-    values = err.sum(1) / z.squeeze(1)
+    # 1 - prec^(i) = min_{s_k <= s_i} N_FP(k) / rank(k) (rank >= 1/2): a fraction, accurate for tiny N_FP;
+    # divided by |P| here
+    err_z = _running_min_by_score(lay, bk.nfp / rank).mul_(_inv_count(lay))
+    values = err_z.sum(1)
     if _wants_grad(logits):
-        coef = torch.where(bk.nfp > 0, err / bk.nfp.clamp_min(1e-300), torch.zeros_like(err)) / z
-        update = _assemble_update(lay, _negative_update(lay, bk, coef, delta), -err / z)
+        coef = err_z / bk.nfp.clamp_min(1e-300)  # L_ij = err(i) H(x_ij) / N_FP(i); err(i) = 0 if N_FP(i) = 0
+        update = _assemble_update(lay, _negative_update(lay, bk, coef, delta), err_z.neg_())
     return _finish("ap_loss", logits, lay, values, update, reduction)
 
 
@@ -545,15 +567,15 @@ def alrp_loss(
     bk = _bucket_negatives(lay, delta)
     e_loc = lay.pad(loc_error)
     rank, h_e, w = _alrp_pairs(lay, bk, delta, e_loc, loc_mode, max_chunk_bytes)
-    z = lay.npos.clamp_min(1.0).unsqueeze(1)
-    values = (bk.nfp / rank).sum(1) / z.squeeze(1)  # N_FP is 0 on padding
+    inv_z = _inv_count(lay)
+    values = (bk.nfp / rank).mul_(inv_z).sum(1)  # N_FP is 0 on padding
     if _wants_grad(logits):
         active = bk.nfp > eps  # padding slots never reach the update (masked / dropped by unpad)
-        err = torch.where(active, (bk.nfp + h_e) / rank, torch.zeros_like(rank))
-        coef = torch.where(active, err / bk.nfp.clamp_min(1e-300), torch.zeros_like(err)) / z
-        update = _assemble_update(lay, _negative_update(lay, bk, coef, delta), -err / z)
+        err_z = torch.where(active, (bk.nfp + h_e) / rank, 0.0).mul_(inv_z)
+        coef = err_z / bk.nfp.clamp_min(1e-300)  # 0 where inactive
+        update = _assemble_update(lay, _negative_update(lay, bk, coef, delta), err_z.neg_())
     loss = _finish(fn, logits, lay, values, update, reduction)
-    return loss, _loc_weights_out(lay, w / z, reduction, loc_error.dtype)
+    return loss, _loc_weights_out(lay, w.mul_(inv_z), reduction, loc_error.dtype)
 
 
 def _loc_weights_out(lay: _Layout, w: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
@@ -594,7 +616,7 @@ def alrp_loc_weights(
         return lay.x.new_zeros(0)
     bk = _bucket_negatives(lay, delta)
     _, _, w = _alrp_pairs(lay, bk, delta, None, mode, max_chunk_bytes)
-    return _loc_weights_out(lay, w / lay.npos.clamp_min(1.0).unsqueeze(1), reduction, logits.dtype)
+    return _loc_weights_out(lay, w.mul_(_inv_count(lay)), reduction, logits.dtype)
 
 
 class SelfBalance:
@@ -743,19 +765,19 @@ def rs_loss(
         missorted = h.sub_(ht)  # H(x_ik) [y_k < y_i]
         denom = missorted.sum(-1)
         active = denom > eps
-        err_act = torch.where(active, err, torch.zeros_like(err))
+        err_act = torch.where(active, err, 0.0)
         g_sort[:, rows] -= err_act
         g_sort += (missorted * (err_act / denom.clamp_min(1e-300)).unsqueeze(2)).sum(1)
     rank = rank_pos + bk.nfp
     l_r = bk.nfp / rank.clamp_min(1e-300)  # N_FP is 0 on padding
-    z = lay.npos.clamp_min(1.0).unsqueeze(1)
-    rank_part = l_r.sum(1) / z.squeeze(1)
-    sort_part = sort_err.sum(1) / z.squeeze(1)
+    inv_z = _inv_count(lay)
+    rank_part = (l_r * inv_z).sum(1)
+    sort_part = (sort_err * inv_z).sum(1)
     if _wants_grad(logits):
         active = bk.nfp > eps  # padding slots never reach the update (masked / dropped by unpad)
-        l_r_act = torch.where(active, l_r, torch.zeros_like(l_r))
-        coef = torch.where(active, 1.0 / rank.clamp_min(1e-300), torch.zeros_like(l_r)) / z  # l_R / N_FP
-        update = _assemble_update(lay, _negative_update(lay, bk, coef, delta), (g_sort - l_r_act) / z)
+        l_r_act = torch.where(active, l_r, 0.0)
+        coef = torch.where(active, rank.clamp_min(1e-300).reciprocal(), 0.0).mul_(inv_z)  # l_R / N_FP
+        update = _assemble_update(lay, _negative_update(lay, bk, coef, delta), (g_sort - l_r_act).mul_(inv_z))
     loss = _finish(fn, logits, lay, rank_part + sort_part, update, reduction)
     if return_parts:
         return (
