@@ -187,9 +187,11 @@ def paired_median_ms(
     """Median times of several functions, run in interleaved blocks of ``block`` calls each, so that load
     changes of the shared machine hit all of them alike (the first call of a block pays for the heap pages
     the other function left behind, as a call inside a training step would)."""
-    for fn in fns:
-        fn()
-        fn()
+    for fn in fns:  # warm-up: at least 2 calls and 0.2 s each (allocator, caches, clock ramp-up)
+        start, calls = time.perf_counter(), 0
+        while calls < 2 or time.perf_counter() - start < 0.2:
+            fn()
+            calls += 1
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, ts in zip(fns, times, strict=True):

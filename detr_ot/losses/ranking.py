@@ -45,6 +45,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -122,7 +123,11 @@ def _layout(fn: str, logits: Tensor, pos_mask: Tensor, delta: float) -> _Layout:
     if squeeze:
         x, pos = x.unsqueeze(0), pos.unsqueeze(0)
     g, n = x.shape
-    flat_pos = pos.view(-1).nonzero().view(-1)  # row-major: grouped by group
+    flat_mask = pos.reshape(-1)
+    if flat_mask.device.type == "cpu":  # NumPy's nonzero is several times faster on CPU (32k: 6 vs 34 us)
+        flat_pos = torch.from_numpy(np.flatnonzero(flat_mask.numpy())).long()  # row-major: grouped by group
+    else:
+        flat_pos = flat_mask.nonzero().view(-1)
     total = flat_pos.numel()  # host sync (nonzero; with G > 1 also Pmax): the shapes depend on it
     values = x.view(-1).index_select(0, flat_pos).to(_F64)
     if g == 1:
