@@ -431,6 +431,15 @@ def test_per_image_vs_per_batch_hand_example():
     torch.testing.assert_close(ref_grad, grad.reshape(-1), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.3, 1.0])
+def test_flat_positions_equal_nonzero(density):
+    """The CPU (NumPy) search for the positives returns torch.nonzero's int64 indices, in its order."""
+    mask = torch.rand(5000, generator=torch.Generator().manual_seed(3)) < density
+    got = ranking._flat_positions(mask)
+    assert got.dtype == torch.int64
+    torch.testing.assert_close(got, mask.nonzero().view(-1), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_grid_bucketing_equals_searchsorted(seed):
     """The CPU grid lookup of the bucket index is exact: ties, logits on breakpoints, padded/empty groups."""

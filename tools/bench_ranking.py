@@ -6,10 +6,11 @@ computing ``H`` against all relevant negatives and positives and accumulating th
 the loss value and the full update (for aLRP also the localisation component and its gradient).
 
 Usage: ``python tools/bench_ranking.py [--repeats 11] [--device cpu|cuda|all] [--threads N] [--no-memory]``.
-Prints, per setting and loss, the median time (the two sides interleaved, so that the load of a shared
-machine hits both alike) of the vectorised implementation, of the loop, their ratio,
-the largest value/update difference between the two, and the peak extra memory of each (CPU: from the
-profiler's allocation events; CUDA: ``torch.cuda.max_memory_allocated`` above the inputs).
+Prints, per setting and loss, the median time (the two sides interleaved in rounds, so that the load of a
+shared machine hits both alike) of the vectorised implementation and of the loop, the speedup (the median
+over rounds of the loop/vectorised ratio within a round), the largest value/update difference between the
+two, and the peak extra memory of each (CPU: from the profiler's allocation events; CUDA:
+``torch.cuda.max_memory_allocated`` above the inputs).
 """
 
 from __future__ import annotations
@@ -183,20 +184,24 @@ def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
 
 def paired_median_ms(
     fns: list[Callable[[], object]], device: torch.device, repeats: int, block: int = 3
-) -> list[float]:
+) -> tuple[list[float], list[float]]:
     """Median times of several functions, run in interleaved blocks of ``block`` calls each, so that load
-    changes of the shared machine hit all of them alike (the first call of a block pays for the heap pages
-    the other function left behind, as a call inside a training step would)."""
+    changes of the shared machine hit all of them alike (the first call of a block pays for the caches the
+    other function left behind, as a call inside a training step would).
+
+    Returns the median time of each function and, for each function, the median over the ``repeats``
+    rounds of ``time(fns[0]) / time(f)`` within the round (a paired ratio: a round's calls are close in
+    time, so slow drifts of the machine's speed cancel).
+    """
     for fn in fns:  # warm-up: at least 2 calls and 0.2 s each (allocator, caches, clock ramp-up)
         start, calls = time.perf_counter(), 0
         while calls < 2 or time.perf_counter() - start < 0.2:
             fn()
             calls += 1
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times, strict=True):
-            ts.extend(_time_ms(fn, device) for _ in range(block))
-    return [statistics.median(ts) for ts in times]
+    rounds = [[statistics.median(_time_ms(fn, device) for _ in range(block)) for fn in fns] for _ in range(repeats)]
+    medians = [statistics.median(r[i] for r in rounds) for i in range(len(fns))]
+    ratios = [statistics.median(r[0] / r[i] for r in rounds) for i in range(len(fns))]
+    return medians, ratios
 
 
 def peak_mb(fn: Callable[[], object], device: torch.device) -> float:
@@ -297,9 +302,9 @@ def measure(kind, device, logits, pos, ious, e_loc, box, repeats, memory) -> str
         v1 = v1 - (bg1 * box).sum()
         dg = max(dg, float((bg1 - bg2).abs().max()))
     dv = abs(float(v1) - float(v2))
-    t_vec, t_loop = paired_median_ms([vec, loop], device, repeats)
+    (t_loop, t_vec), (_, speedup) = paired_median_ms([loop, vec], device, repeats)
     mem = (f"{peak_mb(vec, device):7.2f}", f"{peak_mb(loop, device):7.2f}") if memory else ("-", "-")
-    return f"{t_vec:8.3f} {t_loop:8.3f} {t_loop / t_vec:6.1f}x {dv:8.1e} {dg:8.1e} {mem[0]:>7} {mem[1]:>7}"
+    return f"{t_vec:8.3f} {t_loop:8.3f} {speedup:6.1f}x {dv:8.1e} {dg:8.1e} {mem[0]:>7} {mem[1]:>7}"
 
 
 if __name__ == "__main__":

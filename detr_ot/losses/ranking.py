@@ -17,19 +17,21 @@ Every loss is an autograd Function whose backward is the *error-driven update* (
 ``H``): each positive ``i`` has an error that is pushed back onto the logits that cause it, and the update
 of a group sums to zero over its logits. Updates are divided by ``Z = |P|`` of the group.
 
-Algorithm (exact, no ``P x N`` matrix, ``O(N log P + P^2)``). ``H(s_j - s_i)`` is piecewise linear in
-``s_j`` with breakpoints ``s_i - delta`` and ``s_i + delta``. The ``2P`` breakpoints of a group are sorted
-and every logit is put in its bucket between consecutive breakpoints (``torch.searchsorted`` on CUDA; an
-exact grid lookup on CPU, where binary search is slow, see :func:`_bucket_index`). Per-bucket negative
-counts and logit sums (``bincount``, float64) and their prefix sums give every ``N_FP(i)`` in ``O(P)``;
-every negative's update is ``A_k + B_k * s_j`` inside its bucket ``k``, with ``A, B`` built from a
-difference array over the buckets and applied with one gather per logit. Bucket 0 holds exactly the
-negatives below ``min_i s_i - delta``: ``A_0 = B_0 = 0``, which is the papers' exact pruning. The
-positive-positive terms are ``P x P`` (float64), computed in row chunks whose intermediates stay within
-``max_chunk_bytes``. Per-logit work is done in ``promote(dtype, float32)`` (fp16/bf16 logits are cast up),
-per-positive work and bucket sums in float64; losses are returned in ``promote(dtype, float32)`` and the
-update in the logits' dtype. One host sync per call for one group, two for several (the numbers of
-positives fix the shapes), plus one on CPU for the grid.
+Algorithm (exact, no ``P x N`` matrix, ``O(N log P + P^2)``). ``H(s_j - s_i)`` is piecewise linear in ``s_j``
+with breakpoints ``s_i - delta`` and ``s_i + delta``. The ``2P`` breakpoints of a group are sorted and every
+logit is put in its bucket between consecutive breakpoints (``torch.searchsorted`` on CUDA; an exact grid
+lookup on CPU, where binary search is slow, see :func:`_bucket_index`). Per-bucket negative counts and logit
+sums (``bincount``, float64) and their prefix sums give every ``N_FP(i)`` in ``O(P)``; every negative's update
+is ``A_k + B_k * s_j`` inside its bucket ``k``, with ``A, B`` built from a difference array over the buckets
+and applied with two gathers per logit. Bucket 0 holds exactly the negatives below ``min_i s_i - delta``:
+``A_0 = B_0 = 0``, which is the papers' exact pruning (the positives are parked there too, and their update is
+written afterwards). The positive-positive terms are ``P x P`` (float64), computed in row chunks whose
+intermediates stay within ``max_chunk_bytes``. Per-logit work is done in ``promote(dtype, float32)``
+(fp16/bf16 logits are cast up), per-positive work and bucket sums in float64; losses are returned in
+``promote(dtype, float32)`` and the update in the logits' dtype. One host sync per call for one group, two for
+several (the numbers of positives fix the shapes), plus one on CPU for the grid. At DETR scale on CPU a call
+is dominated by the fixed cost of its ~100 small tensor ops, so the code avoids ops rather than flops where it
+can (see ``tools/bench_ranking.py`` for the figures against the per-positive loop of the reference design).
 
 Ranking groups: every loss takes ``logits`` of shape ``(N,)`` (one group) or ``(G, N)`` (``G`` groups,
 e.g. ``pred_logits.flatten(1)`` for per-image grouping, ``pred_logits.reshape(1, -1)`` for per-batch
@@ -104,6 +106,14 @@ class _Layout:
         return flat if self.full else flat.index_select(0, self.flat_slot)
 
 
+def _flat_positions(mask: Tensor) -> Tensor:
+    """``mask.nonzero()`` of a 1-D bool mask as int64 ``(P,)``; on CPU through NumPy, several times faster
+    (a 32k mask: 6 vs 34 us)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.numpy())).long()
+    return mask.nonzero().view(-1)
+
+
 def _layout(fn: str, logits: Tensor, pos_mask: Tensor, delta: float) -> _Layout:
     if not delta > 0:
         raise ValueError(f"{_HERE}:{fn}: delta must be > 0, got {delta}")
@@ -123,11 +133,7 @@ def _layout(fn: str, logits: Tensor, pos_mask: Tensor, delta: float) -> _Layout:
     if squeeze:
         x, pos = x.unsqueeze(0), pos.unsqueeze(0)
     g, n = x.shape
-    flat_mask = pos.reshape(-1)
-    if flat_mask.device.type == "cpu":  # NumPy's nonzero is several times faster on CPU (32k: 6 vs 34 us)
-        flat_pos = torch.from_numpy(np.flatnonzero(flat_mask.numpy())).long()  # row-major: grouped by group
-    else:
-        flat_pos = flat_mask.nonzero().view(-1)
+    flat_pos = _flat_positions(pos.reshape(-1))  # row-major: grouped by group
     total = flat_pos.numel()  # host sync (nonzero; with G > 1 also Pmax): the shapes depend on it
     values = x.view(-1).index_select(0, flat_pos).to(_F64)
     if g == 1:
@@ -291,7 +297,7 @@ def _negative_update(lay: _Layout, bk: _Buckets, coef: Tensor, delta: float) -> 
 
     Inside bucket ``k`` the sum is affine, ``A_k + B_k s_j``; ``[A, B]`` are cumulative sums of a
     difference array (positive ``i`` enters the linear part ``coef_i ((s_j - s_i) / (2 delta) + 1/2)`` at
-    bucket ``lo_i + 1`` and saturates to ``coef_i`` at ``up_i + 1``), then one gather per logit.
+    bucket ``lo_i + 1`` and saturates to ``coef_i`` at ``up_i + 1``), then one gather of each per logit.
     """
     g, p = coef.shape
     k = bk.nbuckets
@@ -416,17 +422,18 @@ def _wants_grad(logits: Tensor) -> bool:
     return torch.is_grad_enabled() and logits.requires_grad
 
 
-def _running_min_by_score(lay: _Layout, x: Tensor) -> Tensor:
+def _running_min_by_score(lay: _Layout, bk: _Buckets, x: Tensor) -> Tensor:
     """``min_{k in P, s_k <= s_i} x_k`` per group: running minimum in order of increasing score.
 
-    Tied positives share the same precision (they see the same logits), so the order among ties is moot.
+    The sorted position ``lo_i`` of ``s_i - delta`` among the breakpoints orders the positives by score
+    (ties share a position), so this is a prefix minimum over positions: no sort. Tied positives share the
+    same value (they see the same logits). Padding sits at positions after every real positive.
     """
-    if lay.full:
-        order = torch.argsort(lay.sp, dim=1)
-        return torch.empty_like(x).scatter_(1, order, x.gather(1, order).cummin(1).values)
-    order = torch.argsort(lay.sp.masked_fill(~lay.valid, math.inf), dim=1)  # padding last
-    run = x.masked_fill(~lay.valid, math.inf).gather(1, order).cummin(1).values
-    return torch.empty_like(x).scatter_(1, order, run).masked_fill_(~lay.valid, 0.0)
+    g, p = x.shape
+    lo = bk.where[:, :p]
+    best = x.new_full((g, 2 * p), math.inf).scatter_reduce_(1, lo, x, "amin")
+    out = best.cummin(1).values.gather(1, lo)
+    return out if lay.full else out.masked_fill_(~lay.valid, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -471,7 +478,7 @@ def ap_loss(
     rank = rank_pos.add_(0.5 + bk.nfp) if lay.full else (rank_pos + 0.5).masked_fill_(~lay.valid, 1.0) + bk.nfp
     # 1 - prec^(i) = min_{s_k <= s_i} N_FP(k) / rank(k) (rank >= 1/2): a fraction, accurate for tiny N_FP;
     # divided by |P| here
-    err_z = _running_min_by_score(lay, bk.nfp / rank).mul_(_inv_count(lay))
+    err_z = _running_min_by_score(lay, bk, bk.nfp / rank).mul_(_inv_count(lay))
     values = err_z.sum(1)
     if _wants_grad(logits):
         coef = err_z / bk.nfp.clamp_min(1e-300)  # L_ij = err(i) H(x_ij) / N_FP(i); err(i) = 0 if N_FP(i) = 0
