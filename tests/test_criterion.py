@@ -105,6 +105,6 @@ def test_loss_is_differentiable_and_zero_target_batch() -> None:
     boxes = torch.rand(2, 5, 4).mul(0.5).add(0.25).requires_grad_(True)
     empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "image_id": i} for i in range(2)]
     out = crit({"pred_logits": logits, "pred_boxes": boxes}, empty)
-    assert float(out["loss_bbox"]) == 0.0 and float(out["loss_giou"]) == 0.0
+    assert float(out["loss_bbox"].detach()) == 0.0 and float(out["loss_giou"].detach()) == 0.0
     out["loss"].backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
