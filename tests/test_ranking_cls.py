@@ -49,7 +49,7 @@ def test_classification_term_is_the_ranking_loss_of_the_matched_positives(cls: s
         expected = ranking.rs_loss(logits, pos.reshape(1, -1), terms.iou[b, q, g].detach(), 0.5)
     else:
         expected, _ = ranking.alrp_loss(logits, pos.reshape(1, -1), ((1 - terms.giou[b, q, g]) / 2).detach(), 1.0)
-    assert float(out["loss_cls"]) == pytest.approx(float(expected), abs=1e-6)
+    assert float(out["loss_cls"].detach()) == pytest.approx(float(expected.detach()), abs=1e-6)
     out["loss"].backward()
     assert outputs["pred_logits"].grad.abs().sum() > 0 and outputs["pred_boxes"].grad.abs().sum() > 0
 
@@ -61,7 +61,7 @@ def test_rs_box_losses_are_balanced_by_value(box_scale: float) -> None:
     outputs, targets = batch(gen)
     cfg = load_config(None, ["loss.cls=rs", "loss.rs.aux_focal=0", "model.aux_loss=false",
                              f"loss.rs.box_scale={box_scale}"])
-    out = build_criterion(cfg, 3)(outputs, targets)
+    out = {k: v.detach() for k, v in build_criterion(cfg, 3)(outputs, targets).items()}
     box = cfg.loss.bbox_weight * out["loss_bbox"] + cfg.loss.giou_weight * out["loss_giou"]
     assert float(out["loss_cls"]) > 0.1
     assert float(box) == pytest.approx(box_scale * float(out["loss_cls"]), rel=1e-5)

@@ -260,7 +260,7 @@ def _bucket_negatives(lay: _Layout, delta: float) -> _Buckets:
     ``(s_j - s_i) / (2 delta) + 1/2`` on buckets ``lo_i + 1 .. up_i`` and 1 above, so
     ``N_FP(i) = n_above + (sum_lin s_j - s_i n_lin) / (2 delta) + n_lin / 2`` from bucket prefix sums.
     A logit exactly on a breakpoint may fall in either adjacent bucket: ``H`` is continuous, so both agree.
-    Bucket 0 holds the pruned negatives (and, here, the positives): it is left out of the sums.
+    Bucket 0 holds the pruned negatives (and, parked in group 0's, the positives): it is left out of the sums.
     """
     g, n = lay.x.shape
     p = lay.pmax
@@ -310,7 +310,7 @@ def _negative_update(lay: _Layout, bk: _Buckets, coef: Tensor, delta: float) -> 
     diff = coef.new_zeros(g, k, 2)  # up_i + 1 <= 2P < K: every step lands inside its group
     diff.scatter_add_(1, (bk.where + 1).unsqueeze(2).expand(g, 2 * p, 2), steps)
     # (G*K, 2) table of [A, B] in the work dtype (float32 for float32 logits), as is the update; bucket 0 of
-    # every group is 0, which is where the positives are
+    # every group is 0 (the steps start at lo_i + 1 >= 1): the positives, parked in bucket 0 of group 0, get 0
     table = diff.cumsum(1).view(-1, 2).t().to(lay.x.dtype, copy=True)
     key = bk.key.view(-1)
     # index_select, not table[1][key]: advanced indexing is slow. Separate multiply and add (not addcmul, whose
