@@ -90,6 +90,7 @@ class _Layout:
     sp: Tensor  # (G, Pmax) float64 positive logits (0 on padding)
     npos: Tensor  # (G,) float64 number of positives
     pmax: int
+    nonempty: int  # groups with at least one positive
     squeeze: bool  # input was 1-D
     full: bool  # every group has Pmax positives (always for one group): no padding to mask
 
@@ -139,10 +140,12 @@ def _layout(fn: str, logits: Tensor, pos_mask: Tensor, delta: float) -> _Layout:
     if g == 1:
         valid = torch.ones(1, total, dtype=torch.bool, device=x.device)
         npos = torch.full((1,), float(total), dtype=_F64, device=x.device)
-        return _Layout(x, pos, total, flat_pos, None, valid, values.unsqueeze(0), npos, total, squeeze, True)
+        return _Layout(
+            x, pos, total, flat_pos, None, valid, values.unsqueeze(0), npos, total, int(total > 0), squeeze, True
+        )
     gi = torch.div(flat_pos, n, rounding_mode="floor")
     counts = torch.bincount(gi, minlength=g)
-    pmax = int(counts.max()) if total else 0
+    pmax, nonempty = torch.stack([counts.max(), (counts > 0).sum()]).tolist() if total else (0, 0)  # one sync
     first = counts.cumsum(0) - counts  # index of each group's first positive
     slot = torch.arange(total, device=x.device) - first.index_select(0, gi)
     flat_slot = gi * pmax + slot
@@ -151,7 +154,7 @@ def _layout(fn: str, logits: Tensor, pos_mask: Tensor, delta: float) -> _Layout:
     full = total == g * pmax
     return _Layout(
         x, pos, total, flat_pos, None if full else flat_slot, valid.view(g, pmax), sp.view(g, pmax),
-        counts.to(_F64), pmax, squeeze, full,
+        counts.to(_F64), pmax, nonempty, squeeze, full,
     )
 
 
@@ -358,7 +361,7 @@ def _check_reduction(fn: str, reduction: str) -> None:
         raise ValueError(f"{_HERE}:{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
-def _group_factor(lay: _Layout, reduction: str) -> Tensor | float | None:
+def _group_factor(lay: _Layout, reduction: str) -> float | None:
     """Factor of the group sum for ``reduction`` (empty groups have value 0 and no positives).
 
     ``"mean"``: 1 / number of groups with positives; ``"sum"``: 1; ``"none"``: ``None`` (no reduction).
@@ -367,19 +370,19 @@ def _group_factor(lay: _Layout, reduction: str) -> Tensor | float | None:
         return None
     if reduction == "sum" or lay.x.shape[0] == 1:
         return 1.0
-    return 1.0 / (lay.npos > 0).sum().clamp_min(1).to(_F64)
+    return 1.0 / max(lay.nonempty, 1)
 
 
 class _ErrorDriven(torch.autograd.Function):
     """Returns precomputed per-group loss values, reduced; backward returns the precomputed error-driven update.
 
-    ``factor``: ``None`` returns the ``(G,)`` values; a float or 0-dim tensor returns ``factor * sum(values)``
-    (the reduction happens here, so that the graph has one node per loss call).
+    ``factor``: ``None`` returns the ``(G,)`` values; a float returns ``factor * sum(values)`` (the reduction
+    happens here, so that the graph has one node per loss call).
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, logits: Tensor, values: Tensor, update: Tensor, factor: Tensor | float | None
+        ctx, logits: Tensor, values: Tensor, update: Tensor, factor: float | None
     ) -> Tensor:
         ctx.save_for_backward(update)
         ctx.in_dtype = logits.dtype
@@ -388,7 +391,7 @@ class _ErrorDriven(torch.autograd.Function):
         if factor is None:
             return values.clone()
         total = values.sum()
-        return total if isinstance(factor, float) and factor == 1.0 else total * factor
+        return total if factor == 1.0 else total * factor
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
@@ -405,8 +408,6 @@ def _finish(fn: str, logits: Tensor, lay: _Layout, values: Tensor, update: Tenso
     _check_reduction(fn, reduction)
     out_dtype = torch.promote_types(logits.dtype, torch.float32)
     factor = _group_factor(lay, reduction)
-    if isinstance(factor, Tensor):
-        factor = factor.to(out_dtype)
     values = values.to(out_dtype)
     if update is not None:
         src = logits.unsqueeze(0) if lay.squeeze else logits
@@ -415,7 +416,7 @@ def _finish(fn: str, logits: Tensor, lay: _Layout, values: Tensor, update: Tenso
     if factor is None:
         return values.squeeze(0) if lay.squeeze else values
     total = values.sum()
-    return total if isinstance(factor, float) else total * factor
+    return total if factor == 1.0 else total * factor
 
 
 def _wants_grad(logits: Tensor) -> bool:
@@ -593,7 +594,7 @@ def alrp_loss(
 def _loc_weights_out(lay: _Layout, w: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
     _check_reduction("alrp_loc_weights", reduction)
     factor = _group_factor(lay, reduction)
-    if factor is not None and not isinstance(factor, float):
+    if factor is not None and factor != 1.0:
         w = w * factor
     return lay.unpad(w).to(torch.promote_types(dtype, torch.float32))
 
