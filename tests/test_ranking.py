@@ -456,6 +456,14 @@ def test_grid_bucketing_equals_searchsorted(seed):
     s[:, 2 * p : 4 * p] = torch.nextafter(s[:, : 2 * p], torch.tensor(-math.inf, dtype=F64))  # just below
     check_bucket_index(bps, nfin, s)
     check_bucket_index(bps[:2, : 2 * p - 4].contiguous(), None, s[:2].contiguous())  # no padding
+    one, s_one = bps[:1].contiguous(), s[:1].contiguous()  # one group (its grid uses Python scalars)
+    check_bucket_index(one, None, s_one)
+    # float32: breakpoints and logits rounded alike, logits one float32 step either side of a breakpoint
+    one32 = one.float()
+    s32 = s_one.float()
+    s32[:, 2 * p : 4 * p] = torch.nextafter(one32, torch.tensor(-math.inf))
+    s32[:, 4 * p : 6 * p] = torch.nextafter(one32, torch.tensor(math.inf))
+    check_bucket_index(one32, None, s32)
     many = bps.clone()
     many[0, :12] = many[0, 0]  # > 8 breakpoints in one cell: falls back to the binary search
     check_bucket_index(torch.sort(many, 1).values, nfin, s)

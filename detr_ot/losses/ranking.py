@@ -199,15 +199,22 @@ def _bucket_index(bps: Tensor, nfinite: Tensor | None, s: Tensor, force_search: 
     if force_search or s.device.type != "cpu":
         return search()
     m = max(_GRID_CELLS_PER_BREAKPOINT * b, n // (4 * g))  # cells per group
-    if nfinite is None:  # every breakpoint finite (e.g. one group): no padding to mask
+    first: Tensor | float
+    scale: Tensor | float
+    if g == 1:  # Python scalars (one read of two values instead of five tensor ops); both the breakpoints and
+        # the logits go through the same float ops with the same scalars, so cell() stays monotone and shared
+        lo, hi = bps[0, [0, -1]].tolist()
+        first, scale = lo, (m / (hi - lo) if hi > lo else 0.0)  # span 0: every logit in cell 0
+    elif nfinite is None:  # every breakpoint finite: no padding to mask
         first, span = bps[:, :1], bps[:, -1:] - bps[:, :1]
+        scale = (m / span).nan_to_num_(0.0, 0.0, 0.0)
     else:
         finite = torch.arange(b, device=s.device).unsqueeze(0) < nfinite.unsqueeze(1)
         zero = bps.new_zeros(())
         first = torch.where(nfinite > 0, bps[:, 0], zero).unsqueeze(1)
         last = bps.gather(1, (nfinite - 1).clamp_min(0).unsqueeze(1))
         span = torch.where(nfinite.unsqueeze(1) > 0, last - first, zero)
-    scale = (m / span).nan_to_num_(0.0, 0.0, 0.0)  # span 0 (no breakpoint): every logit in cell 0
+        scale = (m / span).nan_to_num_(0.0, 0.0, 0.0)  # span 0 (no breakpoint): every logit in cell 0
 
     def cell(x: Tensor) -> Tensor:  # the same float operations for breakpoints and logits
         y = x - first
@@ -399,7 +406,7 @@ class _ErrorDriven(torch.autograd.Function):
         if ctx.factor is None:
             grad = update * grad_out.to(update.dtype).unsqueeze(-1)
         else:
-            grad = update * (grad_out * ctx.factor).to(update.dtype)
+            grad = update * (grad_out if ctx.factor == 1.0 else grad_out * ctx.factor).to(update.dtype)
         return grad.to(ctx.in_dtype).reshape(ctx.in_shape), None, None, None
 
 
