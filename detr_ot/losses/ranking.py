@@ -257,7 +257,8 @@ class _Buckets:
     """Negatives bucketed by the sorted breakpoints ``s_i -+ delta`` of their group."""
 
     key: Tensor  # (G, N) flat bucket id g * K + k; positives go to bucket 0 (H = 0 there for every i)
-    where: Tensor  # (G, 2 Pmax) sorted positions [lo_i | up_i] of the breakpoints s_i - delta, s_i + delta
+    bp: Tensor  # (G, 2 Pmax) float64 breakpoints [s_i - delta | s_i + delta] (finite on padding)
+    where: Tensor  # (G, 2 Pmax) their sorted positions [lo_i | up_i]
     nfp: Tensor  # (G, Pmax) N_FP(i) = sum_{j in N} H(s_j - s_i), 0 on padding
     nbuckets: int  # K >= 2 Pmax + 1, the bucket stride of the groups (buckets beyond 2 Pmax are empty)
 
@@ -274,13 +275,13 @@ def _bucket_negatives(lay: _Layout, delta: float) -> _Buckets:
     """
     g, n = lay.x.shape
     p = lay.pmax
-    bp = torch.cat([lay.sp - delta, lay.sp + delta], 1)
-    if not lay.full:
-        bp.masked_fill_(~lay.valid.repeat(1, 2), math.inf)  # padding sorts last and is never <= a logit
-    bps = torch.sort(bp, dim=1).values
+    bp = torch.cat([lay.sp - delta, lay.sp + delta], 1)  # finite (padding: -+delta, with coefficient 0)
+    # padding sorts last and is never <= a logit
+    bp_sort = bp if lay.full else bp.masked_fill(~lay.valid.repeat(1, 2), math.inf)
+    bps = torch.sort(bp_sort, dim=1).values
     # sorted position of each breakpoint (the first of equal ones: buckets between equal breakpoints are
     # empty, so any of them is as good)
-    where = torch.searchsorted(bps, bp)
+    where = torch.searchsorted(bps, bp_sort)
 
     # bucket of each logit, in [0, 2P], in the work dtype (float32 logits: breakpoints rounded to float32,
     # which only moves logits within an ulp of a breakpoint, where H is continuous)
@@ -295,11 +296,11 @@ def _bucket_negatives(lay: _Layout, delta: float) -> _Buckets:
     at = cum.gather(1, where.unsqueeze(2).expand(g, 2 * p, 2))  # at lo_i and at up_i
     n_lin, s_lin = (at[:, p:] - at[:, :p]).unbind(2)
     n_above = cum[:, -1, 0:1] - at[:, p:, 0]
-    nfp = n_above + (s_lin - lay.sp * n_lin) / (2.0 * delta) + 0.5 * n_lin
-    nfp.clamp_min_(0.0)
+    # sum over the linear buckets of (s_j - s_i) / (2 delta) + 1/2 = (s_j - (s_i - delta)) / (2 delta)
+    nfp = (s_lin - bp[:, :p] * n_lin).div_(2.0 * delta).add_(n_above).clamp_min_(0.0)
     if not lay.full:
         nfp.masked_fill_(~lay.valid, 0.0)
-    return _Buckets(key, where, nfp, k)
+    return _Buckets(key, bp, where, nfp, k)
 
 
 def _negative_update(lay: _Layout, bk: _Buckets, coef: Tensor, delta: float) -> Tensor:
@@ -314,9 +315,11 @@ def _negative_update(lay: _Layout, bk: _Buckets, coef: Tensor, delta: float) -> 
     if not lay.full:
         coef = coef.masked_fill(~lay.valid, 0.0)
     slope = coef / (2.0 * delta)
-    lin0 = coef * 0.5 - slope * lay.sp
-    # [A, B] steps at lo_i + 1 (enter the linear part) and at up_i + 1 (saturate): (G, 2P, 2)
-    steps = torch.stack([torch.cat([lin0, coef - lin0], 1), torch.cat([slope, -slope], 1)], 2)
+    # [A, B] steps at lo_i + 1, entering the linear part coef_i (s_j - (s_i - delta)) / (2 delta), and at
+    # up_i + 1, saturating to coef_i = coef_i (s_j - s_i + delta) / (2 delta) - coef_i (s_j - s_i - delta) /
+    # (2 delta): A steps by -slope * b and B by +slope at b = s_i - delta, the opposite at b = s_i + delta
+    signed = torch.cat([-slope, slope], 1)  # (G, 2P), matching the [lo | up] breakpoints
+    steps = torch.stack([signed * bk.bp, signed.neg()], 2)
     diff = coef.new_zeros(g, k, 2)  # up_i + 1 <= 2P < K: every step lands inside its group
     diff.scatter_add_(1, (bk.where + 1).unsqueeze(2).expand(g, 2 * p, 2), steps)
     # (G*K, 2) table of [A, B] in the work dtype (float32 for float32 logits), as is the update; bucket 0 of
