@@ -315,9 +315,9 @@ def _negative_update(lay: _Layout, bk: _Buckets, coef: Tensor, delta: float) -> 
     if not lay.full:
         coef = coef.masked_fill(~lay.valid, 0.0)
     slope = coef / (2.0 * delta)
-    # [A, B] steps at lo_i + 1, entering the linear part coef_i (s_j - (s_i - delta)) / (2 delta), and at
-    # up_i + 1, saturating to coef_i = coef_i (s_j - s_i + delta) / (2 delta) - coef_i (s_j - s_i - delta) /
-    # (2 delta): A steps by -slope * b and B by +slope at b = s_i - delta, the opposite at b = s_i + delta
+    # [A, B] steps, with b_lo, b_up = s_i -+ delta: at lo_i + 1 positive i enters its linear part
+    # slope_i (s_j - b_lo) (A -= slope_i b_lo, B += slope_i); at up_i + 1 it saturates at
+    # coef_i = slope_i (b_up - b_lo) (A += slope_i b_up, B -= slope_i)
     signed = torch.cat([-slope, slope], 1)  # (G, 2P), matching the [lo | up] breakpoints
     steps = torch.stack([signed * bk.bp, signed.neg()], 2)
     diff = coef.new_zeros(g, k, 2)  # up_i + 1 <= 2P < K: every step lands inside its group
