@@ -431,6 +431,25 @@ def test_per_image_vs_per_batch_hand_example():
     torch.testing.assert_close(ref_grad, grad.reshape(-1), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("where", ["negative", "positive", "second group"])
+@pytest.mark.parametrize("loss", [ap_loss, rs_loss, alrp_loss])
+def test_nan_logit_is_a_clear_error(loss, where):
+    """A NaN logit is reported with its count and position, not as an indexing failure of the CPU grid."""
+    s, pos, y, e_loc = make_case(4)
+    s, pos = s.clone(), pos.clone()
+    if where == "second group":  # two groups: the NaN in the second
+        s, pos = torch.stack([s, s.flip(0)]), torch.stack([pos, pos.flip(0)])
+        y, e_loc = torch.cat([y, y]), torch.cat([e_loc, e_loc])
+        index = s.shape[1] + int((~pos[1]).nonzero()[3])
+    else:
+        index = int((pos if where == "positive" else ~pos).nonzero()[3])
+    s.view(-1)[index] = math.nan
+    extra = () if loss is ap_loss else (y,) if loss is rs_loss else (e_loc,)
+    expected = rf"1 of {s.numel()} logits are NaN \(the first at flat index {index}\)"
+    with pytest.raises(ValueError, match=expected):
+        loss(s, pos, *extra)
+
+
 @pytest.mark.parametrize("density", [0.0, 0.001, 0.3, 1.0])
 def test_flat_positions_equal_nonzero(density):
     """The CPU (NumPy) search for the positives returns torch.nonzero's int64 indices, in its order."""

@@ -186,18 +186,31 @@ def _bucket_index(bps: Tensor, nfinite: Tensor | None, s: Tensor, force_search: 
     distinct breakpoints usually get their own cell (``T = 1``). Exact; falls back to the binary search when
     more than 8 breakpoints share a cell.
     """
+    if not force_search and s.device.type == "cpu":
+        try:
+            found = _grid_index(bps, nfinite, s)
+        except (IndexError, RuntimeError):  # a NaN has no cell; checked only then (no cost on good logits)
+            nan = torch.isnan(s).view(-1)
+            if not bool(nan.any()):
+                raise
+            raise ValueError(
+                f"{_HERE}: {int(nan.sum())} of {nan.numel()} logits are NaN (the first at flat index "
+                f"{int(nan.nonzero()[0, 0])}): the ranking losses need numbers"
+            ) from None
+        if found is not None:
+            return found
+    g, b = bps.shape
+    key = torch.searchsorted(bps, s, right=True, out_int32=True)
+    if g > 1:
+        key += (torch.arange(g, device=s.device, dtype=torch.int32) * (b + 1)).unsqueeze(1)
+    return key, b + 1
+
+
+def _grid_index(bps: Tensor, nfinite: Tensor | None, s: Tensor) -> tuple[Tensor, int] | None:
+    """The CPU grid lookup of :func:`_bucket_index`; ``None`` when more than 8 breakpoints share a cell."""
     g, b = bps.shape
     n = s.shape[1]
     i32 = torch.int32
-
-    def search() -> tuple[Tensor, int]:
-        key = torch.searchsorted(bps, s, right=True, out_int32=True)
-        if g > 1:
-            key += (torch.arange(g, device=s.device, dtype=i32) * (b + 1)).unsqueeze(1)
-        return key, b + 1
-
-    if force_search or s.device.type != "cpu":
-        return search()
     m = max(_GRID_CELLS_PER_BREAKPOINT * b, n // (4 * g))  # cells per group
     first: Tensor | float
     scale: Tensor | float
@@ -231,7 +244,7 @@ def _bucket_index(bps: Tensor, nfinite: Tensor | None, s: Tensor, force_search: 
     shifted = torch.bincount(bcell.view(-1), minlength=g * (m + 2)).view(g, m + 2)
     t_max = int(shifted[:, 1 : m + 1].max())  # host sync: the number of comparison passes
     if t_max > _GRID_MAX_PER_CELL:
-        return search()
+        return None
     stride = b + max(t_max, 1)  # rows of the padded breakpoints; also the bucket stride of the groups
     # before[g, c] = g * stride + number of breakpoints of group g in cells < c
     before = shifted[:, : m + 1].cumsum(1, dtype=i32)
