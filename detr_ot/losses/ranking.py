@@ -82,7 +82,6 @@ class _Layout:
     """Groups of a call: detached logits, masks, and the positives gathered into a padded ``(G, Pmax)``."""
 
     x: Tensor  # (G, N) detached logits in the work dtype promote(dtype, float32): the update's dtype
-    pos: Tensor  # (G, N) bool
     total: int  # P, positives of all groups
     flat_pos: Tensor  # (P,) index of each positive into x.view(-1), in pos_mask.nonzero() order (row-major)
     flat_slot: Tensor | None  # (P,) group * Pmax + index inside the group: into a flat (G, Pmax); None if full
@@ -130,18 +129,17 @@ def _layout(fn: str, logits: Tensor, pos_mask: Tensor, delta: float) -> _Layout:
     x = logits.detach()
     work = torch.promote_types(logits.dtype, torch.float32)
     x = x.to(work)  # no copy for float32/float64 logits
-    pos = pos_mask.to(logits.device)
     if squeeze:
-        x, pos = x.unsqueeze(0), pos.unsqueeze(0)
+        x = x.unsqueeze(0)
     g, n = x.shape
-    flat_pos = _flat_positions(pos.reshape(-1))  # row-major: grouped by group
+    flat_pos = _flat_positions(pos_mask.to(logits.device).reshape(-1))  # row-major: grouped by group
     total = flat_pos.numel()  # host sync (nonzero; with G > 1 also Pmax): the shapes depend on it
     values = x.view(-1).index_select(0, flat_pos).to(_F64)
     if g == 1:
         valid = torch.ones(1, total, dtype=torch.bool, device=x.device)
         npos = torch.full((1,), float(total), dtype=_F64, device=x.device)
         return _Layout(
-            x, pos, total, flat_pos, None, valid, values.unsqueeze(0), npos, total, int(total > 0), squeeze, True
+            x, total, flat_pos, None, valid, values.unsqueeze(0), npos, total, int(total > 0), squeeze, True
         )
     gi = torch.div(flat_pos, n, rounding_mode="floor")
     counts = torch.bincount(gi, minlength=g)
@@ -153,7 +151,7 @@ def _layout(fn: str, logits: Tensor, pos_mask: Tensor, delta: float) -> _Layout:
     sp = torch.zeros(g * pmax, dtype=_F64, device=x.device).index_copy_(0, flat_slot, values)
     full = total == g * pmax
     return _Layout(
-        x, pos, total, flat_pos, None if full else flat_slot, valid.view(g, pmax), sp.view(g, pmax),
+        x, total, flat_pos, None if full else flat_slot, valid.view(g, pmax), sp.view(g, pmax),
         counts.to(_F64), pmax, nonempty, squeeze, full,
     )
 
@@ -396,6 +394,12 @@ def _group_factor(lay: _Layout, reduction: str) -> float | None:
     return 1.0 / max(lay.nonempty, 1)
 
 
+def _reduce(values: Tensor, factor: float) -> Tensor:
+    """``factor * sum(values)`` of the per-group values (no multiply for a unit factor)."""
+    total = values.sum()
+    return total if factor == 1.0 else total * factor
+
+
 class _ErrorDriven(torch.autograd.Function):
     """Returns precomputed per-group loss values, reduced; backward returns the precomputed error-driven update.
 
@@ -411,10 +415,7 @@ class _ErrorDriven(torch.autograd.Function):
         ctx.in_dtype = logits.dtype
         ctx.in_shape = logits.shape
         ctx.factor = factor
-        if factor is None:
-            return values.clone()
-        total = values.sum()
-        return total if factor == 1.0 else total * factor
+        return values.clone() if factor is None else _reduce(values, factor)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
@@ -438,8 +439,7 @@ def _finish(fn: str, logits: Tensor, lay: _Layout, values: Tensor, update: Tenso
         return out.squeeze(0) if factor is None and lay.squeeze else out
     if factor is None:
         return values.squeeze(0) if lay.squeeze else values
-    total = values.sum()
-    return total if factor == 1.0 else total * factor
+    return _reduce(values, factor)
 
 
 def _wants_grad(logits: Tensor) -> bool:
