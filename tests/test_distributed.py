@@ -1,5 +1,5 @@
 """Distributed training and evaluation on CPU: 2 processes (gloo) spawned from pytest, initialised from the
-environment variables torchrun sets (``detr_ot.engine.distributed.init_from_env``).
+environment variables torchrun sets (``detr_ot.distributed.init_from_env``).
 
 1. Distributed evaluation of a fixed model on a 7-image split (not divisible by 2: the DistributedSampler
    repeats an image) gives exactly the single-process 12 numbers, detections and precision array, for
@@ -38,6 +38,7 @@ from conftest import ROOT, SHAPES_YAML, TINY_SHAPES, read_log, tiny_overrides
 from torch import nn
 from torch.utils.data import DistributedSampler
 
+from detr_ot import distributed as dist
 from detr_ot.build import build_criterion, build_model, build_optimizer, build_postprocess
 from detr_ot.config import load_config
 from detr_ot.data.build import build_dataset, build_loader
@@ -45,7 +46,6 @@ from detr_ot.data.coco import CocoDetection
 from detr_ot.data.collate import collate_batch
 from detr_ot.data.shapes import ensure_shapes_dataset
 from detr_ot.data.transforms import build_transforms
-from detr_ot.engine import distributed as dist
 from detr_ot.engine import trainer
 from detr_ot.engine.checkpoint import load_checkpoint
 from detr_ot.evaluation import CocoEvaluator

@@ -66,10 +66,10 @@ def worker(args: argparse.Namespace) -> None:
     from torch import nn
     from torch.utils.data import DistributedSampler
 
+    from detr_ot import distributed as dist
     from detr_ot.build import build_criterion, build_model, build_optimizer
     from detr_ot.config import load_config
     from detr_ot.data.build import build_dataset, build_loader
-    from detr_ot.engine import distributed as dist
     from detr_ot.engine.trainer import seed_everything, train_one_epoch
 
     torch.set_num_threads(args.threads)

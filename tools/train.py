@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
+from detr_ot import distributed as dist  # noqa: E402
 from detr_ot.config import ConfigError, load_config  # noqa: E402
 from detr_ot.data.coco import AnnotationError  # noqa: E402
-from detr_ot.engine import distributed as dist  # noqa: E402
 from detr_ot.engine.trainer import NonFiniteLossError, run  # noqa: E402
 from detr_ot.matching import NonFiniteCostError  # noqa: E402
 from detr_ot.models import BackboneWeightsError  # noqa: E402

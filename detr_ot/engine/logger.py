@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from detr_ot.engine import distributed as dist
+from detr_ot import distributed as dist
 
 COCO_STAT_NAMES = [
     "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",

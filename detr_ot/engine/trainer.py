@@ -15,10 +15,10 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+from detr_ot import distributed as dist
 from detr_ot.build import build_criterion, build_model, build_optimizer, build_postprocess, build_scheduler
 from detr_ot.config import Config, ConfigError, dump_config, to_dict
 from detr_ot.data.build import build_dataset, build_loader, seed_loader_epoch
-from detr_ot.engine import distributed as dist
 from detr_ot.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from detr_ot.engine.logger import RunLogger
 from detr_ot.evaluation.coco_evaluator import DEFAULT_BACKEND, CocoEvaluator, check_backend

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
-from detr_ot.engine import distributed as dist
+from detr_ot import distributed as dist
 from detr_ot.matching import Assignment, PaddedTargets, PairwiseTerms
 from detr_ot.registry import Registry
 
@@ -93,7 +93,7 @@ class CrossEntropyLoss(PairwiseClassificationLoss):
     """DETR's cross-entropy with a no-object class weighted by ``eos_coef`` (Carion et al. 2020, eq. 2),
     averaged with the class weights as ``F.cross_entropy(weight=...)`` does:
     ``Z = sum_ij S_ij + eos_coef * sum_i S_i0`` (detached). In distributed training ``Z`` is summed over
-    the processes (:func:`~detr_ot.engine.distributed.global_normalizer`), so that the processes' averaged
+    the processes (:func:`~detr_ot.distributed.global_normalizer`), so that the processes' averaged
     gradient is the single-process gradient of the whole batch even when their box counts differ."""
 
     head = "softmax"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from detr_ot.engine import distributed as dist
+from detr_ot import distributed as dist
 from detr_ot.losses.classification import ClassificationLoss
 from detr_ot.matching import Assignment, Matcher, PaddedTargets, compute_pairwise_terms
 

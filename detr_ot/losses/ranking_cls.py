@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torchvision.ops import sigmoid_focal_loss
 
-from detr_ot.engine import distributed as dist
+from detr_ot import distributed as dist
 from detr_ot.losses import ranking
 from detr_ot.losses.classification import CLASSIFICATION_LOSSES, BoxReweighting, ClassificationLoss
 from detr_ot.matching import Assignment, PaddedTargets, PairwiseTerms
