@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from detr_ot.config import Config
-from detr_ot.losses import CLASSIFICATION_LOSSES
+from detr_ot.losses import CLASSIFICATION_LOSSES, ClassificationLoss
+from detr_ot.losses.classification import CrossEntropyLoss, FocalLoss
 from detr_ot.losses.criterion import SetCriterion
 from detr_ot.matching import MATCHERS, CostWeights
 from detr_ot.models import DETR, PostProcess, Transformer, build_backbone
@@ -36,11 +37,26 @@ def _options(registry, name: str, given: dict):  # noqa: ANN001, ANN202
     return given.get(name, opt_cls())
 
 
+def build_classification_loss(cfg: Config) -> ClassificationLoss:
+    """The loss ``loss.cls`` with its arguments from the config: cross-entropy ``loss.eos_coef``, focal
+    ``loss.focal_alpha`` and ``loss.focal_gamma``; any other registered loss its options (``loss.<name>.<key>``)
+    and, if it re-weights the box losses (RS, aLRP), the criterion's ``loss.bbox_weight`` and ``loss.giou_weight``."""
+    c = cfg.loss
+    if c.cls == "ce":
+        return CrossEntropyLoss(c.eos_coef)
+    if c.cls == "focal":
+        return FocalLoss(c.focal_alpha, c.focal_gamma)
+    loss_cls = CLASSIFICATION_LOSSES.get(c.cls)
+    args = (c.bbox_weight, c.giou_weight) if loss_cls.reweights_boxes else ()
+    options = _options(CLASSIFICATION_LOSSES, c.cls, c.options)
+    return loss_cls(*args) if options is None else loss_cls(*args, options=options)
+
+
 def build_criterion(cfg: Config, num_classes: int) -> SetCriterion:
     weights = CostWeights(cfg.matcher.cost_class, cfg.matcher.cost_bbox, cfg.matcher.cost_giou)
     matcher = MATCHERS.build(cfg.matcher.name, weights, _options(MATCHERS, cfg.matcher.name, cfg.matcher.options))
     loss_cls = CLASSIFICATION_LOSSES.get(cfg.loss.cls)
-    cls_loss = loss_cls(cfg.loss, num_classes, _options(CLASSIFICATION_LOSSES, cfg.loss.cls, cfg.loss.options))
+    cls_loss = build_classification_loss(cfg)
     class_cost = cfg.matcher.class_cost
     if class_cost == "auto":
         class_cost = loss_cls.class_cost if head_type(cfg) == loss_cls.head else (

@@ -23,29 +23,28 @@ CLASSIFICATION_LOSSES: Registry[ClassificationLoss] = Registry("classification l
 
 
 @dataclass
-class BoxReweighting:
-    """How a classification loss re-weights the box losses (ranking losses do; ce/focal do not).
+class ClassificationResult:
+    """What a classification loss returns: its value ``loss`` and how it weights the box losses.
 
-    ``pair_weights`` (B x Q x M, detached) replaces ``S / num_boxes`` in ``sum S_ij l_box_ij / num_boxes``;
-    ``scale`` (a detached scalar) multiplies both box terms (e.g. RS's balance by value, aLRP's w_SB).
+    ``box_weights`` (B x Q x M, detached) replaces ``S / num_boxes`` in ``sum S_ij l_box_ij / num_boxes``;
+    ``None`` keeps DETR's ``S / num_boxes`` (ce, focal, AP). ``box_scale`` (a detached scalar) multiplies both
+    box terms (e.g. RS's balance by value, aLRP's w_SB).
     """
 
-    pair_weights: torch.Tensor
-    scale: torch.Tensor | float = 1.0
+    loss: torch.Tensor
+    box_weights: torch.Tensor | None = None
+    box_scale: torch.Tensor | float = 1.0
 
 
 class ClassificationLoss(nn.Module):
     """Base class. ``head``: the head it needs (``softmax`` with a no-object logit, or ``sigmoid``).
-    ``class_cost``: the matching class cost that suits it (see ``detr_ot.matching.pairwise``)."""
+    ``class_cost``: the matching class cost that suits it (see ``detr_ot.matching.pairwise``).
+    ``reweights_boxes``: whether it sets :attr:`ClassificationResult.box_weights` (then its constructor takes
+    the criterion's ``bbox_weight`` and ``giou_weight``)."""
 
     head: ClassVar[str] = "softmax"
     class_cost: ClassVar[str] = "prob"
-
-    def __init__(self, loss_cfg: object, num_classes: int, options: object | None = None) -> None:
-        super().__init__()
-        self.cfg = loss_cfg
-        self.num_classes = num_classes
-        self.options = options
+    reweights_boxes: ClassVar[bool] = False
 
     def forward(
         self,
@@ -54,9 +53,9 @@ class ClassificationLoss(nn.Module):
         targets: PaddedTargets,
         num_boxes: float,
         terms: PairwiseTerms | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, BoxReweighting]:
-        """The classification loss; a loss that also re-weights the box losses returns
-        ``(loss, BoxReweighting)``. ``terms`` are the layer's pairwise terms (IoU/GIoU of every pair)."""
+    ) -> ClassificationResult:
+        """The classification loss and its box-loss weighting. ``terms`` are the layer's pairwise terms
+        (IoU/GIoU of every pair)."""
         raise NotImplementedError
 
     def synchronize_state(self) -> None:
@@ -81,11 +80,11 @@ class PairwiseClassificationLoss(ClassificationLoss):
         targets: PaddedTargets,
         num_boxes: float,
         terms: PairwiseTerms | None = None,
-    ) -> torch.Tensor:
+    ) -> ClassificationResult:
         l_pair, l_bg = self.pairwise(logits, targets.labels)
         l_pair = l_pair.masked_fill(~targets.mask[:, None, :], 0.0)
         total = (assignment.to_gt * l_pair).sum() + (assignment.to_background * l_bg).sum()
-        return total / self.normalizer(assignment, num_boxes)
+        return ClassificationResult(total / self.normalizer(assignment, num_boxes))
 
 
 @CLASSIFICATION_LOSSES.register("ce")
@@ -99,14 +98,18 @@ class CrossEntropyLoss(PairwiseClassificationLoss):
     head = "softmax"
     class_cost = "prob"
 
+    def __init__(self, eos_coef: float = 0.1) -> None:
+        super().__init__()
+        self.eos_coef = eos_coef
+
     def pairwise(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logp = logits.float().log_softmax(-1)
         index = labels[:, None, :].expand(-1, logits.shape[1], -1)
-        return -logp.gather(2, index), -self.cfg.eos_coef * logp[..., -1]
+        return -logp.gather(2, index), -self.eos_coef * logp[..., -1]
 
     def normalizer(self, assignment: Assignment, num_boxes: float) -> torch.Tensor:
         plan = assignment.plan.detach()
-        return dist.global_normalizer(plan[..., 1:].sum() + self.cfg.eos_coef * plan[..., 0].sum())
+        return dist.global_normalizer(plan[..., 1:].sum() + self.eos_coef * plan[..., 0].sum())
 
 
 @CLASSIFICATION_LOSSES.register("focal")
@@ -118,9 +121,13 @@ class FocalLoss(PairwiseClassificationLoss):
     head = "sigmoid"
     class_cost = "focal"
 
+    def __init__(self, alpha: float = 0.25, gamma: float = 2.0) -> None:
+        super().__init__()
+        self.alpha, self.gamma = alpha, gamma
+
     def pairwise(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = logits.float()
-        alpha, gamma = self.cfg.focal_alpha, self.cfg.focal_gamma
+        alpha, gamma = self.alpha, self.gamma
         l_bg = sigmoid_focal_loss(x, torch.zeros_like(x), alpha, gamma, reduction="none").sum(-1)
         xg = x.gather(2, labels[:, None, :].expand(-1, x.shape[1], -1))
         as_neg = sigmoid_focal_loss(xg, torch.zeros_like(xg), alpha, gamma, reduction="none")

@@ -49,14 +49,12 @@ class SetCriterion(nn.Module):
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         terms = compute_pairwise_terms(logits, boxes.float(), targets, self.class_cost)
         assignment = self.matcher(terms)
-        loss_cls = self.cls_loss(logits, assignment, targets, num_boxes, terms=terms)
-        if isinstance(loss_cls, tuple):  # ranking losses re-weight the box losses (RS, aLRP)
-            loss_cls, reweight = loss_cls
-            weights, scale = reweight.pair_weights, reweight.scale
-        else:
-            weights, scale = assignment.to_gt / num_boxes, 1.0
+        cls = self.cls_loss(logits, assignment, targets, num_boxes, terms=terms)
+        # DETR's box weights S / num_boxes, unless the classification loss re-weights the boxes (RS, aLRP)
+        weights = assignment.to_gt / num_boxes if cls.box_weights is None else cls.box_weights
+        scale = cls.box_scale
         losses = {
-            "loss_cls": loss_cls,
+            "loss_cls": cls.loss,
             "loss_bbox": (weights * terms.l1).sum() * scale,
             "loss_giou": (weights * (1 - terms.giou) * targets.mask[:, None, :]).sum() * scale,
         }

@@ -31,7 +31,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 from detr_ot import distributed as dist
 from detr_ot.losses import ranking
-from detr_ot.losses.classification import CLASSIFICATION_LOSSES, BoxReweighting, ClassificationLoss
+from detr_ot.losses.classification import CLASSIFICATION_LOSSES, ClassificationLoss, ClassificationResult
 from detr_ot.matching import Assignment, PaddedTargets, PairwiseTerms
 
 
@@ -127,16 +127,17 @@ class APLoss(_PositivesMixin, ClassificationLoss):
     head = "sigmoid"
     class_cost = "focal"
 
-    def __init__(self, loss_cfg: object, num_classes: int, options: RankingOptions | None = None) -> None:
-        super().__init__(loss_cfg, num_classes, options or RankingOptions())
+    def __init__(self, options: RankingOptions | None = None) -> None:
+        super().__init__()
+        self.options = options or RankingOptions()
 
     def forward(self, logits: torch.Tensor, assignment: Assignment, targets: PaddedTargets, num_boxes: float,
-                terms: PairwiseTerms | None = None) -> torch.Tensor:
+                terms: PairwiseTerms | None = None) -> ClassificationResult:
         pos, *_ = self.positives(logits, assignment, targets)
         loss = ranking.ap_loss(self.grouped(logits), self.grouped(pos), self.options.delta, reduction="sum",
                                max_chunk_bytes=self.options.max_chunk_mb * 2**20)
         loss = loss / self.group_normalizer(pos, loss.dtype)
-        return loss + self.aux_focal_term(logits, pos, num_boxes)
+        return ClassificationResult(loss + self.aux_focal_term(logits, pos, num_boxes))
 
 
 @CLASSIFICATION_LOSSES.register("rs", options=RSOptions)
@@ -148,20 +149,22 @@ class RSLoss(_PositivesMixin, ClassificationLoss):
 
     head = "sigmoid"
     class_cost = "focal"
+    reweights_boxes = True
 
-    def __init__(self, loss_cfg: object, num_classes: int, options: RSOptions | None = None) -> None:
-        super().__init__(loss_cfg, num_classes, options or RSOptions())
+    def __init__(self, bbox_weight: float, giou_weight: float, options: RSOptions | None = None) -> None:
+        super().__init__()
+        self.bbox_weight, self.giou_weight = bbox_weight, giou_weight
+        self.options = options or RSOptions()
 
     def forward(self, logits: torch.Tensor, assignment: Assignment, targets: PaddedTargets, num_boxes: float,
-                terms: PairwiseTerms | None = None) -> tuple[torch.Tensor, BoxReweighting]:
+                terms: PairwiseTerms | None = None) -> ClassificationResult:
         assert terms is not None and terms.iou is not None, "RS Loss needs the pairwise IoU"
         pos, b, q, g = self.positives(logits, assignment, targets)
         ious = terms.iou[b, q, g].detach().clamp(0, 1)
         loss = ranking.rs_loss(self.grouped(logits), self.grouped(pos), ious, self.options.delta, reduction="sum",
                                max_chunk_bytes=self.options.max_chunk_mb * 2**20)
-        cfg = self.cfg
         top = ranking.rs_top_scores(logits[b, q]).double()
-        pair_box = (cfg.bbox_weight * terms.l1 + cfg.giou_weight * (1 - terms.giou))[b, q, g].detach().double()
+        pair_box = (self.bbox_weight * terms.l1 + self.giou_weight * (1 - terms.giou))[b, q, g].detach().double()
         # One collective: [groups with positives, score sum, summed RS loss, score-weighted box loss].
         local = torch.stack([self.group_count(pos), top.sum(), loss.detach().double(), (top * pair_box).sum()])
         n_all, top_all, loss_all, box_all = dist.all_reduce_sum(local).unbind()
@@ -172,7 +175,7 @@ class RSLoss(_PositivesMixin, ClassificationLoss):
         scale = torch.where(mean_box > 1e-12, mean_loss / mean_box.clamp(min=1e-12), torch.zeros_like(mean_box))
         scale = scale * self.options.box_scale
         loss = loss / (n_all.clamp_min(1.0) / world).to(loss.dtype)
-        return loss + self.aux_focal_term(logits, pos, num_boxes), BoxReweighting(weights, scale.to(loss.dtype))
+        return ClassificationResult(loss + self.aux_focal_term(logits, pos, num_boxes), weights, scale.to(loss.dtype))
 
 
 @CLASSIFICATION_LOSSES.register("alrp", options=ALRPOptions)
@@ -185,9 +188,12 @@ class ALRPLoss(_PositivesMixin, ClassificationLoss):
 
     head = "sigmoid"
     class_cost = "focal"
+    reweights_boxes = True
 
-    def __init__(self, loss_cfg: object, num_classes: int, options: ALRPOptions | None = None) -> None:
-        super().__init__(loss_cfg, num_classes, options or ALRPOptions())
+    def __init__(self, bbox_weight: float, giou_weight: float, options: ALRPOptions | None = None) -> None:
+        super().__init__()
+        self.bbox_weight, self.giou_weight = bbox_weight, giou_weight
+        self.options = options or ALRPOptions()
         self.balance = ranking.SelfBalance(self.options.sb_init, self.options.sb_period)
 
     def get_extra_state(self) -> dict:
@@ -200,7 +206,7 @@ class ALRPLoss(_PositivesMixin, ClassificationLoss):
         self.balance.synchronize()
 
     def forward(self, logits: torch.Tensor, assignment: Assignment, targets: PaddedTargets, num_boxes: float,
-                terms: PairwiseTerms | None = None) -> tuple[torch.Tensor, BoxReweighting]:
+                terms: PairwiseTerms | None = None) -> ClassificationResult:
         assert terms is not None, "aLRP Loss needs the pairwise GIoU"
         pos, b, q, g = self.positives(logits, assignment, targets)
         loc_error = ((1 - terms.giou[b, q, g]) / 2).detach()
@@ -209,10 +215,10 @@ class ALRPLoss(_PositivesMixin, ClassificationLoss):
         z = self.group_normalizer(pos, loss.dtype)
         loss = loss / z
         weights = self.pair_weights(terms.l1, b, q, g, w.detach() / z.to(w.dtype))
-        cfg = self.cfg
-        norm = cfg.bbox_weight + 2 * cfg.giou_weight
-        loc = (weights * (cfg.bbox_weight * terms.l1 + cfg.giou_weight * (1 - terms.giou))).sum().detach() / norm
+        norm = self.bbox_weight + 2 * self.giou_weight
+        loc = (weights * (self.bbox_weight * terms.l1 + self.giou_weight * (1 - terms.giou))).sum().detach() / norm
         if self.training and torch.is_grad_enabled():
             self.balance.update(loss.detach(), loc)
             self.balance.step()
-        return loss + self.aux_focal_term(logits, pos, num_boxes), BoxReweighting(weights, self.balance.weight / norm)
+        loss = loss + self.aux_focal_term(logits, pos, num_boxes)
+        return ClassificationResult(loss, weights, self.balance.weight / norm)
