@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from detr_ot.models.backbone import build_backbone
 from detr_ot.models.deform_attn import MSDeformAttn, ms_deform_attn_sample
 
 SHAPES = [(5, 7), (3, 4), (2, 1)]  # three non-square levels of different sizes
@@ -127,3 +128,61 @@ def test_module_is_padding_invariant(ref_dim: int) -> None:
     # The test can fail: without the padding mask the garbage leaks in.
     leaky = attn(query, ref_batch, flatten_levels(maps), torch.tensor(padded), level_start(padded), None)
     assert (leaky[:1] - out_alone).abs().max() > 1e-3
+
+
+# Multi-scale backbone
+
+
+def test_tiny_multiscale_backbone_is_padding_invariant_at_every_level() -> None:
+    """An image's maps alone equal its maps batched beside a larger image, on the valid region, at every
+    level; the padding is zero and masked (float64, eval-mode BatchNorm so images do not mix)."""
+    torch.manual_seed(0)
+    bb = build_backbone("tiny", tiny_widths=(4, 6, 8, 10), levels=3).double().eval()
+    for m in bb.modules():  # non-trivial BatchNorm statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    small = torch.randn(1, 3, 37, 53, dtype=torch.float64)
+    big = torch.randn(1, 3, 64, 80, dtype=torch.float64)
+    images = torch.zeros(2, 3, 64, 80, dtype=torch.float64)
+    images[0, :, :37, :53] = small[0]
+    images[0, :, 37:] = 5.0  # garbage on the padding: the masks must hide it
+    images[0, :, :, 53:] = -5.0
+    images[1] = big[0]
+    mask = torch.ones(2, 64, 80, dtype=torch.bool)
+    mask[0, :37, :53] = False
+    mask[1] = False
+    with torch.no_grad():
+        alone = bb.forward_levels(small, torch.zeros(1, 37, 53, dtype=torch.bool))
+        batched = bb.forward_levels(images, mask)
+        last = bb(images, mask)
+    assert len(alone) == len(batched) == 3
+    for (fa, ma), (fb, mb), s, c in zip(alone, batched, bb.strides, bb.num_channels_list, strict=True):
+        h, w = math.ceil(37 / s), math.ceil(53 / s)
+        assert fa.shape == (1, c, h, w) and fb.shape == (2, c, math.ceil(64 / s), math.ceil(80 / s))
+        assert not ma.any()
+        torch.testing.assert_close(fb[0, :, :h, :w], fa[0], rtol=0, atol=1e-12)
+        expected_mask = torch.ones_like(mb[0])
+        expected_mask[:h, :w] = False
+        assert torch.equal(mb[0], expected_mask) and not mb[1].any()
+        assert (fb[0].masked_select(mb[0][None]) == 0).all()
+        assert fa.abs().max() > 0.1  # the comparison is not between zeros
+    torch.testing.assert_close(last[0], batched[-1][0], rtol=0, atol=0)
+    assert torch.equal(last[1], batched[-1][1])
+
+
+def test_backbone_strides_and_channels() -> None:
+    tiny = build_backbone("tiny", tiny_widths=(4, 6, 8, 10), levels=3)
+    assert (tiny.strides, tiny.num_channels_list, tiny.num_channels, tiny.stride) == ([4, 8, 16], [6, 8, 10], 10, 16)
+    one = build_backbone("tiny", tiny_widths=(4, 6, 8, 10))
+    assert (one.strides, one.num_channels_list) == ([16], [10])
+    # Same parameters under the same names whatever the number of levels (checkpoints stay loadable).
+    assert list(one.state_dict()) == list(tiny.state_dict())
+    r18 = build_backbone("resnet18", pretrained=False, levels=3)
+    assert (r18.strides, r18.num_channels_list, r18.stride, r18.num_channels) == ([8, 16, 32], [128, 256, 512], 32, 512)
+    assert (build_backbone("resnet18").strides, build_backbone("resnet18").num_channels_list) == ([32], [512])
+    with torch.no_grad():
+        maps = r18.eval().forward_levels(torch.randn(1, 3, 65, 97), torch.zeros(1, 65, 97, dtype=torch.bool))
+    assert [tuple(f.shape) for f, _ in maps] == [(1, 128, 9, 13), (1, 256, 5, 7), (1, 512, 3, 4)]
+    with pytest.raises(ValueError, match="levels=5"):
+        build_backbone("tiny", tiny_widths=(4, 6, 8, 10), levels=5)

@@ -1,4 +1,4 @@
-"""CNN backbones returning one feature map and its padding mask.
+"""CNN backbones returning their last feature map, or their last few, each with its padding mask.
 
 Padding is honoured exactly: every convolution and max-pool of the backbone sees zeros where the image
 is padded, which is what it sees past the border of an unpadded image. So an image's features, and hence
@@ -9,6 +9,7 @@ with the evaluation batch size because padded pixels leak into the features).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -67,16 +68,32 @@ def feature_mask(mask: torch.Tensor, feature_hw: tuple[int, int], stride: int) -
 
 
 class Backbone(nn.Module):
-    """Wraps a feature extractor ``body`` (image -> one feature map of stride ``stride``)."""
+    """Wraps a feature extractor ``body`` (image -> its last ``len(strides)`` feature maps, finest first).
 
-    def __init__(self, body: nn.Module, num_channels: int, stride: int) -> None:
+    ``forward`` returns the last (coarsest) map and its padding mask, as DETR uses; ``forward_levels``
+    returns every map with its mask, for multi-scale detectors (Zhu et al., Deformable DETR, ICLR 2021,
+    Sec. 4.1 use C3-C5, strides 8, 16, 32). ``num_channels_list`` and ``strides`` describe those maps;
+    ``num_channels`` and ``stride`` the last one.
+    """
+
+    def __init__(self, body: nn.Module, num_channels: int | Sequence[int], stride: int | Sequence[int]) -> None:
         super().__init__()
+        channels = [int(num_channels)] if isinstance(num_channels, int) else [int(c) for c in num_channels]
+        strides = [int(stride)] if isinstance(stride, int) else [int(s) for s in stride]
+        if not channels or len(channels) != len(strides):
+            raise ValueError(f"Backbone: {len(channels)} channel counts for {len(strides)} strides")
         self.body = body
-        self.num_channels = num_channels
-        self.stride = stride
+        self.num_channels_list = channels
+        self.strides = strides
+        self.num_channels = channels[-1]
+        self.stride = strides[-1]
         self._masking = MaskedConvContext(body)
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def num_levels(self) -> int:
+        return len(self.strides)
+
+    def _levels(self, images: torch.Tensor, mask: torch.Tensor, first: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         padded = bool(mask.any())
         if padded:
             self._masking.valid_hw = valid_sizes(mask)
@@ -85,43 +102,89 @@ class Backbone(nn.Module):
             feats = self.body(images)
         finally:
             self._masking.valid_hw = None
-        if isinstance(feats, list | tuple):
-            feats = feats[-1]
-        fmask = feature_mask(mask, (feats.shape[-2], feats.shape[-1]), self.stride)
-        if padded:
-            feats = feats.masked_fill(fmask[:, None], 0.0)
-        return feats, fmask
+        if not isinstance(feats, list | tuple):
+            feats = [feats]
+        if len(feats) < self.num_levels:
+            raise RuntimeError(f"Backbone body returned {len(feats)} feature maps, expected {self.num_levels}")
+        out = []
+        for f, s in list(zip(feats[-self.num_levels :], self.strides, strict=True))[first:]:
+            fmask = feature_mask(mask, (f.shape[-2], f.shape[-1]), s)
+            out.append((f.masked_fill(fmask[:, None], 0.0) if padded else f, fmask))
+        return out
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last feature map (stride ``stride``), zero on padding, and its mask (True on padding)."""
+        return self._levels(images, mask, self.num_levels - 1)[0]
+
+    def forward_levels(self, images: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every returned map (strides ``strides``, finest first), zero on padding, each with its mask."""
+        return self._levels(images, mask, 0)
 
 
 def _conv_bn(cin: int, cout: int, stride: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-def tiny_backbone(widths: tuple[int, ...] = (32, 64, 128, 256)) -> Backbone:
-    """A small VGG-style CNN for CPU runs: one stride-2 stage per width, stride ``2 ** len(widths)``."""
+class _StagedSequential(nn.Sequential):
+    """A flat ``nn.Sequential`` (parameter names as a plain one) returning the outputs of its last stages."""
+
+    def __init__(self, layers: list[nn.Module], stage_ends: list[int]) -> None:
+        super().__init__(*layers)
+        self.stage_ends = stage_ends  # index of each returned stage's last layer
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
+        outs = []
+        for i, layer in enumerate(self):
+            x = layer(x)
+            if i in self.stage_ends:
+                outs.append(x)
+        return outs
+
+
+def tiny_backbone(widths: tuple[int, ...] = (32, 64, 128, 256), levels: int = 1) -> Backbone:
+    """A small VGG-style CNN for CPU runs: one stride-2 stage per width, stride ``2 ** len(widths)``.
+
+    ``levels`` > 1 also returns the maps of the stages before the last (strides ``2 ** i``).
+    """
+    if not 1 <= levels <= len(widths):
+        raise ValueError(f"tiny backbone: levels={levels} must be in [1, {len(widths)}] (one per width {widths})")
     layers: list[nn.Module] = []
+    ends: list[int] = []
     cin = 3
     for i, cout in enumerate(widths):
         layers += _conv_bn(cin, cout, 2)
         if i > 0:
             layers += _conv_bn(cout, cout, 1)
+        ends.append(len(layers) - 1)
         cin = cout
-    return Backbone(nn.Sequential(*layers), widths[-1], 2 ** len(widths))
+    n = len(widths)
+    return Backbone(
+        _StagedSequential(layers, ends[n - levels :]),
+        list(widths[n - levels :]),
+        [2 ** (i + 1) for i in range(n - levels, n)],
+    )
 
 
 class BackboneWeightsError(RuntimeError):
     """Pretrained backbone weights could not be obtained."""
 
 
-def timm_backbone(name: str, pretrained: bool, weights: str | None, train_backbone: bool = True) -> Backbone:
-    """A timm CNN (e.g. ``resnet50``) with frozen BatchNorm and only its last feature map (stride 32).
+def timm_backbone(
+    name: str, pretrained: bool, weights: str | None, train_backbone: bool = True, levels: int = 1
+) -> Backbone:
+    """A timm CNN (e.g. ``resnet50``) with frozen BatchNorm and its last ``levels`` feature maps.
+
+    ``levels=1`` is DETR's single stride-32 map (C5 of a ResNet); ``levels=3`` gives C3-C5 (strides 8,
+    16, 32), the input of Deformable DETR (Zhu et al., ICLR 2021, Sec. 4.1).
 
     ``weights`` (config key ``model.backbone_weights``) loads a local file; otherwise ``pretrained`` asks
     timm to download them, which fails offline with a message naming that key.
     """
     import timm
 
-    kwargs = dict(features_only=True, out_indices=(-1,))
+    if levels < 1:
+        raise ValueError(f"backbone {name!r}: levels={levels} must be >= 1")
+    kwargs = dict(features_only=True, out_indices=tuple(range(-levels, 0)))
     if weights is not None:
         if not Path(weights).is_file():
             raise FileNotFoundError(f"model.backbone_weights={weights!r}: no such file")
@@ -146,7 +209,7 @@ def timm_backbone(name: str, pretrained: bool, weights: str | None, train_backbo
     if not train_backbone:
         body.requires_grad_(False)
     info = body.feature_info
-    return Backbone(body, info.channels()[-1], info.reduction()[-1])
+    return Backbone(body, info.channels(), info.reduction())
 
 
 def _hub_unreachable(host: str = "huggingface.co", timeout: float = 3.0) -> str | None:
@@ -172,9 +235,11 @@ def build_backbone(
     weights: str | None = None,
     train: bool = True,
     tiny_widths: tuple[int, ...] = (32, 64, 128, 256),
+    levels: int = 1,
 ) -> Backbone:
+    """The named backbone returning its last ``levels`` feature maps (``forward`` always gives the last)."""
     if name == "tiny":
-        return tiny_backbone(tuple(tiny_widths))
-    return timm_backbone(name, pretrained, weights, train)
+        return tiny_backbone(tuple(tiny_widths), levels)
+    return timm_backbone(name, pretrained, weights, train, levels)
 
 
