@@ -1,14 +1,18 @@
 """Ranking-based classification losses with error-driven updates: AP, aLRP and RS Loss.
 
-Sources (``seed`` = ``000_8c158015f19ac4ee.txt`` of the project's seeds):
+Sources:
 
-* AP Loss: Chen et al., "Towards Accurate One-Stage Object Detection with AP-Loss", CVPR 2019;
-  seed sec. 1.1.1, eqs. 1.3-1.5 (primary terms ``L_ij``, update ``dL/ds_k = (1/|P|) sum_j (L_jk - L_kj)``).
-* aLRP Loss: Oksuz et al., "A Ranking-based, Balanced Loss Function Unifying Classification and
+* AP Loss: Chen, Li, Lin et al., "Towards Accurate One-Stage Object Detection with AP-Loss", CVPR 2019, and
+  the journal version Chen, Lin, Li et al., "AP-Loss for Accurate One-Stage Object Detection", TPAMI 2020:
+  the primary terms ``L_ij``, the perceptron-style error-driven update
+  ``dL/ds_k = (1/|P|) sum_j (L_jk - L_kj)``, the smoothed (piecewise linear) step and the interpolated AP of
+  their training details.
+* aLRP Loss: Oksuz, Cam, Akbas, Kalkan, "A Ranking-based, Balanced Loss Function Unifying Classification and
   Localisation in Object Detection", NeurIPS 2020 (``l_LRP(i)``, its classification/localisation split,
-  the ranking-based update, self-balance) and its public code; seed sec. 2.2.2.3.
-* RS Loss: Oksuz et al., "Rank & Sort Loss for Object Detection and Instance Segmentation", ICCV 2021;
-  seed sec. 2.1.3, eqs. 2.20-2.22.
+  the ranking-based update, self-balance) and its public code.
+* RS Loss: Oksuz, Cam, Akbas, Kalkan, "Rank & Sort Loss for Object Detection and Instance Segmentation",
+  ICCV 2021: the ranking and sorting errors with their targets, and the update written as the paper's
+  Identity Update (its gradients for negatives and for positives).
 
 Common notation (one *ranking group*): logits ``s``, positives ``P`` (given by a mask, independent of any
 quality target), negatives ``N`` (all other logits), ``x_ij = s_j - s_i`` and the smoothed step
@@ -73,7 +77,7 @@ _HERE = "detr_ot/losses/ranking.py"
 # shared machinery
 # ----------------------------------------------------------------------------------------------------------
 def _smooth_step(x: Tensor, delta: float) -> Tensor:
-    """``H(x) = clamp(x / (2 delta) + 1/2, 0, 1)`` (seed eq. 1.3 with the smoothed step of AP Loss)."""
+    """``H(x) = clamp(x / (2 delta) + 1/2, 0, 1)``: the smoothed step of AP Loss (Chen et al., CVPR 2019)."""
     return (x / (2.0 * delta) + 0.5).clamp_(0.0, 1.0)
 
 
@@ -107,8 +111,8 @@ class _Layout:
 
 
 def _flat_positions(mask: Tensor) -> Tensor:
-    """``mask.nonzero()`` of a 1-D bool mask as int64 ``(P,)``; on CPU through NumPy, several times faster
-    (a 32k mask: 6 vs 34 us)."""
+    """``mask.nonzero()`` of a 1-D bool mask as int64 ``(P,)``; on CPU through NumPy's ``flatnonzero``, which
+    is faster than ``torch.nonzero`` there."""
     if mask.device.type == "cpu":
         return torch.from_numpy(np.flatnonzero(mask.numpy())).long()
     return mask.nonzero().view(-1)
@@ -174,7 +178,7 @@ def _bucket_index(bps: Tensor, nfinite: Tensor | None, s: Tensor, force_search: 
     Rows of ``bps`` are ascending with their first ``nfinite[g]`` entries finite (``None``: all finite), the
     rest ``+inf``; ``stride >= 2P + 1`` (buckets beyond ``2P`` stay empty).
     On CUDA this is ``torch.searchsorted``. On CPU a binary search over random logits is dominated by branch
-    mispredictions (measured 5-15 ms for 192k logits), so each group gets a uniform grid of ``M`` cells over
+    mispredictions, so each group gets a uniform grid of ``M`` cells over
     ``[b_first, b_last]`` with ``cell(x) = clamp(floor((x - b_first) * M / span), 0, M - 1)``. ``cell`` is
     monotone in ``x`` (each float step is, and breakpoints and logits go through the same kernels), so
     ``b <= s`` implies ``cell(b) <= cell(s)`` and ``cell(b) > cell(s)`` implies ``b > s``: the count is the
@@ -471,13 +475,13 @@ def ap_loss(
     reduction: str = "mean",
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Tensor:
-    """AP Loss with its error-driven update (Chen et al. 2019; seed eqs. 1.3-1.5).
+    """AP Loss with its error-driven update (Chen et al., CVPR 2019; TPAMI 2020).
 
     ``rank+(i) = 1 + sum_{k in P, k != i} H(x_ik)``, ``rank(i) = rank+(i) + N_FP(i)``,
     ``prec(i) = rank+(i) / rank(i)``; interpolated precision ``prec^(i) = max_{k in P, s_k <= s_i} prec(k)``
     (running maximum in order of increasing score, as in the AP-Loss training code); loss
-    ``1 - mean_i prec^(i)``. Primary terms ``L_ij = (1 - prec^(i)) H(x_ij) / N_FP(i)`` (eq. 1.3 with the
-    interpolated error: for ``prec^ = prec`` this is ``H(x_ij) / rank(i)``); update (eq. 1.5)
+    ``1 - mean_i prec^(i)``. Primary terms ``L_ij = (1 - prec^(i)) H(x_ij) / N_FP(i)`` (with the interpolated
+    error; for ``prec^ = prec`` these are the paper's ``H(x_ij) / rank(i)``); error-driven update
     ``dL/ds_i = -(1 - prec^(i)) / |P|`` for positives and ``dL/ds_j = (1/|P|) sum_i L_ij`` for negatives.
     There are no positive-positive primary terms.
 
@@ -565,7 +569,7 @@ def alrp_loss(
 ) -> tuple[Tensor, Tensor]:
     """aLRP Loss, classification part with its error-driven update, plus the localisation weights.
 
-    Oksuz et al. 2020 (aLRP Loss): ``l_LRP(i) = [N_FP(i) + E_loc(i) + sum_{k in P, k != i} H(x_ik) E_loc(k)]
+    Oksuz et al., NeurIPS 2020 (aLRP Loss): ``l_LRP(i) = [N_FP(i) + E_loc(i) + sum_{k in P, k != i} H(x_ik) E_loc(k)]
     / rank(i)`` with ``rank(i) = 1 + sum_{k != i} H(x_ik) + N_FP(i)``, split into
     ``L_cls = mean_i N_FP(i) / rank(i)`` (returned value) and ``L_loc`` (see :func:`alrp_loc_weights`).
     Update: the error of positive ``i``, ``e(i) = [N_FP(i) + sum_{k != i} H(x_ik) E_loc(k)] / rank(i)``
@@ -633,7 +637,7 @@ def alrp_loc_weights(
 ) -> Tensor:
     """Per-positive weights ``w`` with ``L_loc = sum_i w_i * box_loss_i`` (aLRP localisation component).
 
-    Oksuz et al. 2020: ``L_loc = (1/|P|) sum_i [E_loc(i) + sum_{k != i} H'(x_ik) E_loc(k)] / rank(i)``
+    Oksuz et al., NeurIPS 2020: ``L_loc = (1/|P|) sum_i [E_loc(i) + sum_{k != i} H'(x_ik) E_loc(k)] / rank(i)``
     with ``rank(i)`` and the pairwise relation detached, so the box losses are weighted through the ranking:
     ``w_k = (1/|P|) [1 / rank(k) + sum_{i != k} H'(s_k - s_i) / rank(i)]``. ``rank(i)`` is the smoothed
     rank of the classification part (``H`` with ``delta``). ``H'`` (the choice left open by the papers):
@@ -656,7 +660,7 @@ def alrp_loc_weights(
 
 
 class SelfBalance:
-    """aLRP self-balance weight ``w_SB`` of ``L = L_cls + w_SB * L_loc`` (Oksuz et al. 2020, self-balance).
+    """aLRP self-balance weight ``w_SB`` of ``L = L_cls + w_SB * L_loc`` (Oksuz et al., NeurIPS 2020, self-balance).
 
     Starts at ``init`` (50, as the paper). Call :meth:`update` every iteration with the (unweighted) values
     of ``L_cls`` and ``L_loc`` and then :meth:`step`; every ``period`` updates ``step`` sets
@@ -746,13 +750,14 @@ def rs_loss(
     return_parts: bool = False,
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
-    """Rank & Sort Loss with its error-driven update (Oksuz et al. 2021; seed eqs. 2.20-2.22).
+    """Rank & Sort Loss with its error-driven update (Oksuz et al., ICCV 2021).
 
     ``rank+(i) = sum_{k in P} H(x_ik)`` (``k = i`` included, so it counts 1/2 with the smoothed step, as the
     RS paper/code), ``rank(i) = rank+(i) + N_FP(i)``. Ranking error ``l_R(i) = N_FP(i) / rank(i)`` (target 0);
     sorting error ``l_S(i) = sum_{k in P} H(x_ik) (1 - y_k) / rank+(i)`` with target
     ``l_S*(i) = sum_k H(x_ik) [y_k >= y_i] (1 - y_k) / sum_k H(x_ik) [y_k >= y_i]``. Loss
-    ``(1/|P|) sum_i [l_R(i) + l_S(i) - l_S*(i)]`` (eq. 2.20 minus its target). Update (eqs. 2.21-2.22):
+    ``(1/|P|) sum_i [l_R(i) + l_S(i) - l_S*(i)]`` (the RS Loss minus its target). Update (the paper's Identity
+    Update, its gradients for negatives and positives):
     ranking: ``-l_R(i)`` on positive ``i`` and ``+l_R(i) H(x_ij) / N_FP(i)`` on negatives (if
     ``N_FP(i) > eps``); sorting: ``-(l_S(i) - l_S*(i))`` on ``i`` and
     ``+(l_S(i) - l_S*(i)) H(x_ik) [y_k < y_i] / sum_m H(x_im) [y_m < y_i]`` on positives ``k`` (if that sum

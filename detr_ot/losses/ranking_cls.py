@@ -57,9 +57,9 @@ class RSOptions(RankingOptions):
     """Plus ``box_scale``: the box loss is balanced to ``box_scale`` times the RS Loss value.
 
     The paper balances to 1x (``box_scale: 1``). This toolkit's default is 3: DETR's box terms (5 L1 + 2 GIoU
-    against a classification weight of 1-2) carry about three times the classification loss, and on the shapes
-    preset (17 epochs) RS reached AP 0.360 with 1 and 0.478 / 0.477 (seeds 42 / 0, focal: 0.457 / 0.469)
-    with 3 (README, "Classification losses at full length"). A choice of this toolkit, not of the paper."""
+    against a classification weight of 1-2) carry about three times the classification loss (the comparison of
+    both settings is in the README, "Classification losses at full length"). A choice of this toolkit, not of
+    the paper."""
 
     delta: float = 0.5
     box_scale: float = 3.0
@@ -121,8 +121,8 @@ class _PositivesMixin:
 
 @CLASSIFICATION_LOSSES.register("ap", options=RankingOptions)
 class APLoss(_PositivesMixin, ClassificationLoss):
-    """AP Loss (Chen et al., CVPR 2019; 000_8c158015f19ac4ee.txt eqs. 1.3-1.5) on the sigmoid logits, with
-    its error-driven update. Box losses stay DETR's."""
+    """AP Loss (Chen et al., CVPR 2019; TPAMI 2020) on the sigmoid logits, with its error-driven update
+    (:func:`detr_ot.losses.ranking.ap_loss`). Box losses stay DETR's."""
 
     head = "sigmoid"
     class_cost = "focal"
@@ -142,7 +142,7 @@ class APLoss(_PositivesMixin, ClassificationLoss):
 
 @CLASSIFICATION_LOSSES.register("rs", options=RSOptions)
 class RSLoss(_PositivesMixin, ClassificationLoss):
-    """RS Loss (Oksuz et al., ICCV 2021; 000_8c158015f19ac4ee.txt eqs. 2.20-2.22): ranking plus sorting by
+    """RS Loss (Oksuz et al., ICCV 2021; :func:`detr_ot.losses.ranking.rs_loss`): ranking plus sorting by
     the (detached) IoU of each positive's box. Box losses are weighted per positive by its detached top
     score (normalised to sum 1) and balanced by value: ``L_box <- L_box * box_scale * L_RS / L_box`` (detached
     ratio; ``box_scale`` 1 in the paper, 3 by default here, see :class:`RSOptions`)."""
@@ -180,7 +180,7 @@ class RSLoss(_PositivesMixin, ClassificationLoss):
 
 @CLASSIFICATION_LOSSES.register("alrp", options=ALRPOptions)
 class ALRPLoss(_PositivesMixin, ClassificationLoss):
-    """aLRP Loss (Oksuz et al., NeurIPS 2020; 000_8c158015f19ac4ee.txt sec. 2.2.2.3): the classification part
+    """aLRP Loss (Oksuz et al., NeurIPS 2020; :func:`detr_ot.losses.ranking.alrp_loss`): the classification part
     with its error-driven update, and the localisation part ``L_loc = sum_i w_i E_loc(i)`` with the ranking
     weights ``w_i``, scaled by the self-balance weight ``w_SB`` (averaged across processes, saved in
     checkpoints). ``E_loc`` is the box loss of the positive, ``(w_bbox L1 + w_giou (1 - GIoU)) / (w_bbox +
