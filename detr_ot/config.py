@@ -46,6 +46,29 @@ class DataConfig:
     eval_batch_size: int = 8  # per process
     num_workers: int = 2
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    # Any COCO-format dataset (dataset: coco): each path, when set, replaces its root/split layout default.
+    # file_name in the JSON is relative to the image folder (nested sub/dir/x.jpg is fine) or absolute.
+    train_ann: str | None = None  # training annotation JSON (default root/annotations/instances_<train_split>.json)
+    train_images: str | None = None  # training image folder (default root/<train_split>)
+    val_ann: str | None = None  # evaluation annotation JSON (default root/annotations/instances_<val_split>.json)
+    val_images: str | None = None  # evaluation image folder (default root/<val_split>)
+    # Input resolution of the coco transforms (DETR's recipe and numbers by default; shapes does not resize)
+    scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))  # training shorter sides
+    max_size: int | None = 1333  # cap on the longer side, training and evaluation (null: none)
+    val_scale: int = 800  # evaluation shorter side
+    crop_scales: list[int] | None = None  # crop branch's first resize; null: [400,500,600] * max(scales)/800
+    crop_size: list[int] | None = None  # crop branch's [min, max] window side; null: [384,600] * max(scales)/800
+
+    def __post_init__(self) -> None:
+        explicit = [k for k in ("train_ann", "train_images", "val_ann", "val_images") if getattr(self, k)]
+        if explicit and self.dataset == "shapes":
+            raise ValueError(
+                f"data.{explicit[0]} is set but data.dataset=shapes generates its own files under data.root; "
+                "use data.dataset=coco for a COCO-format dataset of your own"
+            )
+        from detr_ot.data.transforms import Resolution  # validates the resolution keys, naming them
+
+        Resolution(self.scales, self.max_size, self.val_scale, self.crop_scales, self.crop_size)
 
 
 @dataclass

@@ -18,9 +18,15 @@ from detr_ot.data.coco import AnnotationError, CocoDetection
 from detr_ot.data.collate import collate_batch
 from detr_ot.data.shapes import ensure_shapes_dataset, generate_shapes
 from detr_ot.data.transforms import (
+    COCO_SCALES,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    Compose,
     RandomHorizontalFlip,
+    RandomResize,
+    RandomSelect,
+    RandomSizeCrop,
+    Resolution,
     ToTensorNormalize,
     build_transforms,
 )
@@ -383,6 +389,99 @@ def test_crop_drops_boxes_outside_and_filters_all_per_box_fields() -> None:
     assert t["boxes"].tolist() == [[10, 10, 50, 40], [5, 0, 20, 20]]
     assert t["iscrowd"].tolist() == [0, 0] and t["size"].tolist() == [50, 60]
     assert t["area"].tolist() == pytest.approx([1200, 300])
+
+
+SMALL = Resolution(scales=(256, 288, 320, 352, 384), max_size=512, val_scale=384)
+
+
+def test_default_resolution_is_detrs_recipe() -> None:
+    res = Resolution()
+    assert list(res.scales) == list(range(480, 801, 32)) == COCO_SCALES
+    assert (res.max_size, res.val_scale) == (1333, 800)
+    assert res.crop_branch() == ([400, 500, 600], (384, 600))  # Carion et al., Appendix A.4
+    # Scaled with max(scales) / 800 at another resolution: 384 / 800 = 0.48.
+    assert SMALL.crop_branch() == ([192, 240, 288], (184, 288))
+    assert Resolution(scales=(400,), crop_scales=(10, 20), crop_size=(5, 9)).crop_branch() == ([10, 20], (5, 9))
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [(dict(scales=()), "data.scales"), (dict(scales=(256, 0)), "data.scales"), (dict(max_size=-1), "data.max_size"),
+     (dict(val_scale=0), "data.val_scale"), (dict(crop_scales=(0,)), "data.crop_scales"),
+     (dict(crop_size=(300, 200)), "data.crop_size"), (dict(crop_size=(300,)), "data.crop_size")],
+)
+def test_bad_resolution_names_the_key(kwargs, key) -> None:
+    with pytest.raises(ValueError, match=key):
+        Resolution(**kwargs)
+
+
+def test_coco_train_pipeline_is_built_from_the_resolution() -> None:
+    pipeline = build_transforms("coco", train=True, resolution=SMALL)
+    flip, select, to_tensor = pipeline.transforms
+    assert isinstance(flip, RandomHorizontalFlip) and isinstance(to_tensor, ToTensorNormalize)
+    assert isinstance(select, RandomSelect) and select.p == 0.5
+    assert isinstance(select.t1, RandomResize)
+    assert (select.t1.sizes, select.t1.max_size) == ([256, 288, 320, 352, 384], 512)
+    assert isinstance(select.t2, Compose)
+    first, window, last = select.t2.transforms
+    assert isinstance(first, RandomResize) and (first.sizes, first.max_size) == ([192, 240, 288], None)
+    assert isinstance(window, RandomSizeCrop) and (window.min_size, window.max_size) == (184, 288)
+    assert isinstance(last, RandomResize) and (last.sizes, last.max_size) == ([256, 288, 320, 352, 384], 512)
+
+
+@pytest.mark.parametrize(
+    "hw, expected",
+    [((300, 400), (384, 512)),  # shorter side to 384, longer exactly at the cap
+     ((100, 400), (128, 512)),  # 384 / 100 would make the longer side 1536: capped at 512
+     ((500, 250), (512, 256)),
+     ((384, 384), (384, 384)),
+     ((30, 40), (384, 512))],  # small images are enlarged
+)
+def test_coco_val_resize_at_a_configured_resolution(hw, expected) -> None:
+    h, w = hw
+    out, t = build_transforms("coco", train=False, resolution=SMALL)(Image.new("RGB", (w, h)),
+                                                                      _target([[0, 0, w / 2, h / 2]], h, w))
+    assert tuple(out.shape[1:]) == expected and t["size"].tolist() == list(expected)
+    assert t["orig_size"].tolist() == [h, w]
+
+
+def test_coco_train_sizes_stay_within_the_configured_scales() -> None:
+    """Every output has its shorter side in ``scales`` or its longer side at ``max_size`` (never above), from
+    both branches of the recipe: the plain resize keeps the aspect ratio, the crop branch changes it."""
+    h, w = 300, 420
+    image = Image.new("RGB", (w, h))
+    transform = build_transforms("coco", train=True, resolution=SMALL)
+    kept_aspect = cropped = 0
+    for seed in range(40):
+        torch.manual_seed(seed)
+        out, t = transform(image, _target([[100, 80, 300, 220]], h, w))
+        oh, ow = out.shape[1:]
+        assert t["size"].tolist() == [oh, ow]
+        assert max(oh, ow) <= 512
+        assert min(oh, ow) in SMALL.scales or max(oh, ow) == 512, (seed, oh, ow)
+        if abs(ow / oh - w / h) < 0.01:
+            kept_aspect += 1
+        else:
+            cropped += 1
+    assert kept_aspect > 5 and cropped > 5
+
+
+def test_build_dataset_applies_the_configured_resolution(tmp_path: Path) -> None:
+    root = tmp_path / "coco"
+    ensure_shapes_dataset(root, 4, 3, seed=0, min_size=96, max_size=128, split_names=("train", "val"))
+    cfg = SimpleNamespace(dataset="coco", root=str(root), train_split="train", val_split="val", transforms="coco",
+                          scales=[64, 72], max_size=100, val_scale=80)
+    val = build_dataset(cfg, "val")
+    for i in range(len(val)):
+        image, _ = val[i]
+        h, w = image.shape[1:]
+        assert min(h, w) == 80 or max(h, w) == 100
+    torch.manual_seed(0)
+    train = build_dataset(cfg, "train")
+    for i in range(len(train)):
+        image, _ = train[i]
+        h, w = image.shape[1:]
+        assert max(h, w) <= 100 and (min(h, w) in (64, 72) or max(h, w) == 100)
 
 
 def test_unknown_transform_preset() -> None:

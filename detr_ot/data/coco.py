@@ -39,9 +39,13 @@ def _is_finite_number(v: Any) -> bool:
 def load_coco_annotations(ann_file: str | os.PathLike) -> COCO:
     """Read, validate and index a COCO detection annotation file; returns a pycocotools ``COCO``.
 
-    Missing ``area`` / ``iscrowd`` fields are filled in (box area / 0) so that ``COCOeval`` works on the
-    result. Raises FileNotFoundError for a missing file and AnnotationError (a ValueError) naming the file and
-    the offending record for anything malformed."""
+    Missing ``area`` / ``iscrowd`` fields are filled in (box area w * h / 0) so that ``COCOeval`` works on the
+    result (pycocotools reads both fields of every ground truth and fails without them). Annotation ids are
+    renumbered 1..N in file order when one of them is 0: pycocotools' ``COCOeval`` records a detection's
+    match as the matched ground truth's id, with 0 meaning "unmatched", so a ground truth of id 0 could never
+    be counted as detected. Category and image ids are kept as they are (0 included). Raises
+    FileNotFoundError for a missing file and AnnotationError (a ValueError) naming the file and the offending
+    record for anything malformed."""
     ann_file = Path(ann_file)
     if not ann_file.is_file():
         raise FileNotFoundError(f"annotation file not found: {ann_file}")
@@ -131,6 +135,9 @@ def _validate(data: Any, ann_file: Path) -> None:
                 f"{ann_file}: annotation id {aid} (image id {ann['image_id']}) has iscrowd {ann['iscrowd']!r}"
             )
         ann.setdefault("area", float(bbox[2] * bbox[3]))
+    if 0 in ann_ids:  # see load_coco_annotations: id 0 is COCOeval's "unmatched" marker
+        for new_id, ann in enumerate(anns, start=1):
+            ann["id"] = new_id
 
 
 class CocoDetection(Dataset):
@@ -145,6 +152,13 @@ class CocoDetection(Dataset):
     Attributes: ``coco`` (pycocotools COCO), ``ids`` (sorted image ids; index -> image id),
     ``label_to_cat_id`` (list, label -> category id, sorted by category id), ``cat_id_to_label``,
     ``class_names`` (label order), ``num_classes``.
+
+    Labels are contiguous, 0..K-1 over every category the file lists (with annotations or not), whatever the
+    ids: ids need not start at 1 or be consecutive, and a category of id 0 (e.g. one named "background") is
+    an ordinary class, label 0 if it has the smallest id. The softmax head's no-object class is index K, after
+    the real classes, and padded target slots in a batch are masked out, so neither is confused with label 0.
+    Detections go back to the file's own category ids through ``label_to_cat_id`` (see
+    :meth:`labels_to_cat_ids`), which is what COCO evaluation counts.
     """
 
     def __init__(
@@ -191,6 +205,13 @@ class CocoDetection(Dataset):
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def labels_to_cat_ids(self, labels: torch.Tensor) -> torch.Tensor:
+        """Contiguous labels (any shape, int) -> the annotation file's category ids (int64)."""
+        lut = torch.tensor(self.label_to_cat_id, dtype=torch.int64, device=labels.device)
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(f"labels must lie in 0..{self.num_classes - 1}, got {labels.min()}..{labels.max()}")
+        return lut[labels.long()]
 
     def load_target(self, image_id: int, width: int, height: int) -> dict[str, Any]:
         """Target dict (absolute xyxy boxes, clipped to ``width`` x ``height``) of one image."""

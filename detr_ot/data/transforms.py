@@ -10,13 +10,17 @@ Presets (:func:`build_transforms`):
   * ``coco`` -- Carion et al., ECCV 2020, Sec. 4 / A.4: horizontal flip, then with probability 1/2 a
     multi-scale resize (shorter side 480..800 step 32, longer side at most 1333) or resize to {400, 500, 600},
     random crop of side 384..600, multi-scale resize; evaluation resizes the shorter side to 800
-    (longer <= 1333).
-  * ``shapes`` -- horizontal flip for training, identity for evaluation (the synthetic images are small).
+    (longer <= 1333). Every one of these sizes comes from a :class:`Resolution` (the ``data.scales``,
+    ``data.max_size``, ``data.val_scale``, ``data.crop_scales`` and ``data.crop_size`` config keys), so the
+    same recipe serves a dataset of small images at a reduced resolution.
+  * ``shapes`` -- horizontal flip for training, identity for evaluation (the synthetic images are small; the
+    resolution keys do not apply).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +36,7 @@ __all__ = [
     "Compose",
     "RandomHorizontalFlip",
     "RandomResize",
+    "Resolution",
     "RandomSelect",
     "RandomSizeCrop",
     "ToTensorNormalize",
@@ -212,40 +217,97 @@ class ToTensorNormalize:
         return f"ToTensorNormalize(mean={self.mean}, std={self.std})"
 
 
+#: DETR's training scales (shorter side), its longer-side cap and its evaluation scale (Carion et al., A.4).
 COCO_SCALES = list(range(480, 801, 32))
+COCO_MAX_SIZE = 1333
+COCO_VAL_SCALE = 800
+#: The random-crop branch at DETR's resolution: first resize, then a crop of side in [min, max].
+COCO_CROP_SCALES = (400, 500, 600)
+COCO_CROP_SIZE = (384, 600)
+
+
+def _positive_ints(values: Any, key: str, count: int | None = None) -> tuple[int, ...]:
+    ok = isinstance(values, list | tuple) and len(values) > 0 and all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+    if not ok or (count is not None and len(values) != count):
+        what = f"{count} positive integers" if count is not None else "a non-empty list of positive integers"
+        raise ValueError(f"{key} must be {what}, got {values!r}")
+    return tuple(values)
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Input sizes of the ``coco`` preset (config keys ``data.<field>``).
+
+    ``scales``: training shorter-side choices (one drawn per image); ``max_size``: cap on the longer side
+    (None: no cap), for training and evaluation; ``val_scale``: evaluation shorter side. The random-crop
+    branch resizes to one of ``crop_scales``, crops a window whose sides are drawn from ``crop_size``
+    ([min, max]) and resizes to ``scales`` again; left at None they are DETR's (400, 500, 600) and
+    (384, 600) multiplied by ``max(scales) / 800``, i.e. DETR's numbers at COCO's resolution and the same
+    proportions at any other."""
+
+    scales: tuple[int, ...] = field(default_factory=lambda: tuple(COCO_SCALES))
+    max_size: int | None = COCO_MAX_SIZE
+    val_scale: int = COCO_VAL_SCALE
+    crop_scales: tuple[int, ...] | None = None
+    crop_size: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scales", _positive_ints(self.scales, "data.scales"))
+        if self.max_size is not None:
+            _positive_ints([self.max_size], "data.max_size")
+        _positive_ints([self.val_scale], "data.val_scale")
+        if self.crop_scales is not None:
+            object.__setattr__(self, "crop_scales", _positive_ints(self.crop_scales, "data.crop_scales"))
+        if self.crop_size is not None:
+            size = _positive_ints(self.crop_size, "data.crop_size", count=2)
+            if size[0] > size[1]:
+                raise ValueError(f"data.crop_size must be [min, max] with min <= max, got {list(size)}")
+            object.__setattr__(self, "crop_size", size)
+
+    def crop_branch(self) -> tuple[list[int], tuple[int, int]]:
+        """(first resize's shorter-side choices, [min, max] crop side) of the random-crop branch."""
+        ratio = max(self.scales) / COCO_VAL_SCALE
+        scales = self.crop_scales or tuple(max(1, round(s * ratio)) for s in COCO_CROP_SCALES)
+        size = self.crop_size or (max(1, round(COCO_CROP_SIZE[0] * ratio)), max(1, round(COCO_CROP_SIZE[1] * ratio)))
+        return list(scales), (int(size[0]), int(size[1]))
 
 
 @TRANSFORMS.register("coco")
-def coco_transforms(train: bool) -> Transform:
-    """DETR's COCO augmentation (Carion et al., ECCV 2020, Appendix A.4)."""
+def coco_transforms(train: bool, resolution: Resolution | None = None) -> Transform:
+    """DETR's COCO augmentation (Carion et al., ECCV 2020, Appendix A.4) at ``resolution`` (default:
+    DETR's)."""
+    res = resolution or Resolution()
     if train:
+        crop_scales, (crop_min, crop_max) = res.crop_branch()
         return Compose(
             [
                 RandomHorizontalFlip(),
                 RandomSelect(
-                    RandomResize(COCO_SCALES, max_size=1333),
+                    RandomResize(res.scales, max_size=res.max_size),
                     Compose(
                         [
-                            RandomResize([400, 500, 600]),
-                            RandomSizeCrop(384, 600),
-                            RandomResize(COCO_SCALES, max_size=1333),
+                            RandomResize(crop_scales),
+                            RandomSizeCrop(crop_min, crop_max),
+                            RandomResize(res.scales, max_size=res.max_size),
                         ]
                     ),
                 ),
                 ToTensorNormalize(),
             ]
         )
-    return Compose([RandomResize([800], max_size=1333), ToTensorNormalize()])
+    return Compose([RandomResize([res.val_scale], max_size=res.max_size), ToTensorNormalize()])
 
 
 @TRANSFORMS.register("shapes")
-def shapes_transforms(train: bool) -> Transform:
-    """Synthetic shapes: horizontal flip when training, no resizing."""
+def shapes_transforms(train: bool, resolution: Resolution | None = None) -> Transform:
+    """Synthetic shapes: horizontal flip when training, no resizing (``resolution`` is not used)."""
     if train:
         return Compose([RandomHorizontalFlip(), ToTensorNormalize()])
     return Compose([ToTensorNormalize()])
 
 
-def build_transforms(preset: str, train: bool) -> Transform:
-    """The ``preset`` pipeline (see :data:`TRANSFORMS`.names()) for training or evaluation."""
-    return TRANSFORMS.build(preset, train)
+def build_transforms(preset: str, train: bool, resolution: Resolution | None = None) -> Transform:
+    """The ``preset`` pipeline (see :data:`TRANSFORMS`.names()) for training or evaluation, at
+    ``resolution`` where the preset resizes (default: DETR's COCO sizes)."""
+    return TRANSFORMS.build(preset, train, resolution)

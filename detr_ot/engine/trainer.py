@@ -18,7 +18,7 @@ from tqdm import tqdm
 from detr_ot import distributed as dist
 from detr_ot.build import build_criterion, build_model, build_optimizer, build_postprocess, build_scheduler
 from detr_ot.config import Config, ConfigError, dump_config, to_dict
-from detr_ot.data.build import build_dataset, build_loader, seed_loader_epoch
+from detr_ot.data.build import build_dataset, build_loader, check_same_categories, seed_loader_epoch
 from detr_ot.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from detr_ot.engine.logger import RunLogger
 from detr_ot.evaluation.coco_evaluator import DEFAULT_BACKEND, CocoEvaluator, check_backend
@@ -202,6 +202,8 @@ def run(cfg: Config, resume: str | None = None, eval_only: bool = False, progres
         dist.barrier()
     train_set = None if eval_only else build_dataset(cfg.data, "train")
     val_set = build_dataset(cfg.data, "val")
+    if train_set is not None:
+        check_same_categories(train_set, val_set)
     if dist.is_main():
         dist.barrier()
     num_classes = val_set.num_classes
