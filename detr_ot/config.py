@@ -30,9 +30,18 @@ class ShapesConfig:
     num_train: int = 2000
     num_val: int = 200
     seed: int = 0
-    min_size: int = 96
+    min_size: int = 96  # image sides are drawn from [min_size, max_size] px
     max_size: int = 128
     max_objects: int = 5
+    # Object count and size; the defaults reproduce the original dataset (configs/shapes_small.yaml: dense small
+    # objects). A changed value regenerates the cached dataset under data.root.
+    min_objects: int = 1  # annotated objects per image: [min_objects, max_objects]
+    max_distractors: int = 2  # unannotated lines, crosses and dots per image: [0, max_distractors]
+    min_rel_size: float = 0.12  # smallest object scale and side, as a fraction of the image side
+    max_rel_size: float = 0.5  # largest object scale (before the 1/2..2 aspect ratio), fraction of the shorter side
+    max_rel_side: float = 0.6  # largest object side, as a fraction of the image width (height)
+    placement_tries: int = 30  # rejected placements before an object beyond min_objects is left out
+    strict_boxes: bool = False  # size range and IoU cap also on the annotated tight pixel boxes (small objects)
 
 
 @dataclass
