@@ -220,6 +220,45 @@ def test_train_and_val_must_list_the_same_categories(tmp_path: Path) -> None:
     check_same_categories(train, CocoDetection(files.train.images, files.train.ann))  # no error
 
 
+@pytest.mark.parametrize(
+    "orientation, json_size, rot90",
+    [(6, (60, 40), -1),  # EXIF 6: shown turned 90 degrees clockwise; the file gives the upright size
+     (8, (60, 40), 1),  # EXIF 8: 90 degrees counter-clockwise
+     (3, (40, 60), 2),  # EXIF 3: 180 degrees, same size: shown upright, as viewers and annotation tools do
+     (6, (40, 60), 0),  # the file gives the stored size: the annotations are on the stored pixels
+     (1, (40, 60), 0)],
+)
+def test_exif_orientation_follows_the_annotated_size(tmp_path: Path, orientation, json_size, rot90) -> None:
+    rng = np.random.default_rng(orientation)
+    stored = rng.integers(0, 256, (60, 40, 3), dtype=np.uint8)  # 40 wide, 60 tall on disk
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    (tmp_path / "img").mkdir()
+    Image.fromarray(stored).save(tmp_path / "img" / "p.png", exif=exif)
+    w, h = json_size
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "p.png", "width": w, "height": h}],
+                               "annotations": [{"id": 1, "image_id": 1, "category_id": 0, "bbox": [1, 2, 10, 5]}],
+                               "categories": [{"id": 0, "name": "background"}]}))
+    image, target = CocoDetection(tmp_path / "img", ann)[0]
+    np.testing.assert_array_equal(np.asarray(image), np.rot90(stored, k=rot90))
+    assert target["orig_size"].tolist() == [h, w] and target["boxes"].tolist() == [[1, 2, 11, 7]]
+
+
+def test_image_size_matching_neither_orientation_is_an_error(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (40, 60)).save(tmp_path / "img" / "p.png", exif=exif)
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"images": [{"id": 5, "file_name": "p.png", "width": 50, "height": 50}],
+                               "categories": [{"id": 1, "name": "x"}]}))
+    with pytest.raises(AnnotationError) as err:
+        CocoDetection(tmp_path / "img", ann)[0]
+    msg = str(err.value)
+    assert "40x60 on disk" in msg and "EXIF orientation 6: 60x40" in msg and "50x50" in msg and "image id 5" in msg
+
+
 # ----------------------------------------------------------------------------------------------------
 # Explicit per-split paths
 

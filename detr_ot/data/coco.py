@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
@@ -140,10 +140,33 @@ def _validate(data: Any, ann_file: Path) -> None:
             ann["id"] = new_id
 
 
+_EXIF_ORIENTATION = 0x0112  # EXIF tag: 1 upright; 2-4 mirrored / rotated 180; 5-8 rotated by 90 (w, h swap)
+
+
+def _upright(img: Image.Image, expected: tuple[int, int], path: Path, image_id: int, ann_file: Path) -> Image.Image:
+    """The RGB image as the annotations saw it. A camera's EXIF orientation tag is applied, as image viewers
+    and annotation tools do, when the annotation file's (width, height) are those of the upright image (and
+    always for a rotation by 180 degrees or a mirroring, which keep the size); the stored pixels are used as
+    they are when the file gives their size instead. Any other size is an AnnotationError."""
+    orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    raw = img.size
+    upright = (raw[1], raw[0]) if orientation in (5, 6, 7, 8) else raw
+    if orientation not in (0, 1) and expected == upright:
+        return ImageOps.exif_transpose(img).convert("RGB")
+    if expected == raw:
+        return img.convert("RGB")
+    exif = f" (upright after its EXIF orientation {orientation}: {upright[0]}x{upright[1]})" if upright != raw else ""
+    raise AnnotationError(
+        f"{path} is {raw[0]}x{raw[1]} on disk{exif} but {ann_file} says {expected[0]}x{expected[1]} "
+        f"(image id {image_id})"
+    )
+
+
 class CocoDetection(Dataset):
     """COCO-format detection dataset.
 
-    Item: ``(image, target)`` after ``transforms``; without transforms ``image`` is the RGB PIL image and
+    Item: ``(image, target)`` after ``transforms``; without transforms ``image`` is the RGB PIL image (upright:
+    a camera's EXIF orientation is applied when the annotation file gives the upright size) and
     ``target["boxes"]`` absolute xyxy. Target keys: ``boxes`` (M, 4) float32, ``labels`` (M,) int64 contiguous
     labels, ``image_id`` int, ``area`` (M,) float32, ``iscrowd`` (M,) int64, ``orig_size`` / ``size`` int64
     [h, w]. Boxes are clipped to the image and degenerate ones dropped; with ``train=True`` crowd boxes are
@@ -242,13 +265,8 @@ class CocoDetection(Dataset):
         info = self.coco.imgs[image_id]
         path = self.img_folder / info["file_name"]
         with Image.open(path) as img:
-            image = img.convert("RGB")
+            image = _upright(img, (info["width"], info["height"]), path, image_id, self.ann_file)
         width, height = image.size
-        if (width, height) != (info["width"], info["height"]):
-            raise AnnotationError(
-                f"{path} is {width}x{height} on disk but {self.ann_file} says "
-                f"{info['width']}x{info['height']} (image id {image_id})"
-            )
         target = self.load_target(image_id, width, height)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
