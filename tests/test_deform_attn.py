@@ -180,9 +180,125 @@ def test_backbone_strides_and_channels() -> None:
     assert list(one.state_dict()) == list(tiny.state_dict())
     r18 = build_backbone("resnet18", pretrained=False, levels=3)
     assert (r18.strides, r18.num_channels_list, r18.stride, r18.num_channels) == ([8, 16, 32], [128, 256, 512], 32, 512)
-    assert (build_backbone("resnet18").strides, build_backbone("resnet18").num_channels_list) == ([32], [512])
+    c5 = build_backbone("resnet18")
+    assert (c5.strides, c5.num_channels_list) == ([32], [512])
     with torch.no_grad():
         maps = r18.eval().forward_levels(torch.randn(1, 3, 65, 97), torch.zeros(1, 65, 97, dtype=torch.bool))
     assert [tuple(f.shape) for f, _ in maps] == [(1, 128, 9, 13), (1, 256, 5, 7), (1, 512, 3, 4)]
     with pytest.raises(ValueError, match="levels=5"):
         build_backbone("tiny", tiny_widths=(4, 6, 8, 10), levels=5)
+
+
+def test_sampling_gradients_match_finite_differences() -> None:
+    """gradcheck for value, locations and weights (float64). Bilinear interpolation has kinks where a
+    pixel coordinate is an integer; the random points are checked to lie far from them."""
+    shapes = [(3, 4), (2, 3)]
+    value, ss, starts, loc, w = random_case(1, 2, 2, 2, 2, shapes, torch.float64, seed=3)
+    sizes = torch.tensor([[wd, h] for h, wd in shapes], dtype=torch.float64)[None, None, None, :, None, :]
+    pix = loc * sizes - 0.5
+    assert ((pix - pix.round()).abs() > 1e-3).all()
+    inputs = (value.requires_grad_(), loc.requires_grad_(), w.requires_grad_())
+    assert torch.autograd.gradcheck(lambda v, x, a: ms_deform_attn_sample(v, ss, starts, x, a), inputs)
+
+
+def test_float32_agrees_with_float64() -> None:
+    """Same (float32-representable) inputs; the bound is float32's epsilon times the output's scale.
+
+    Per point, the pixel coordinate ``x * W - 0.5`` is computed to a few ulps of ``W + 1``; the bilinear
+    sample moves by at most ``2 max|v|`` per pixel, and its interpolation and the weighted sum over the
+    ``L * P`` points add a few ulps of ``max|v|`` each. So the error is below
+    ``eps * max|v| * sum|w| * (8 (W_max + 1) + 4 + L * P)``, which the tolerance uses with a factor 2 to spare.
+    """
+    shapes = [(9, 13), (5, 7), (3, 4)]
+    value, ss, starts, loc, w = random_case(2, 6, 3, 4, 4, shapes, torch.float32, seed=5)
+    got = ms_deform_attn_sample(value, ss, starts, loc, w)
+    want = ms_deform_attn_sample(value.double(), ss, starts, loc.double(), w.double())
+    assert got.dtype == torch.float32
+    eps = torch.finfo(torch.float32).eps
+    L, P = w.shape[-2:]
+    w_max = max(max(s) for s in shapes)
+    sum_w = w.abs().sum((-2, -1)).max().item()
+    tol = 2 * eps * value.abs().max().item() * sum_w * (8 * (w_max + 1) + 4 + L * P)
+    err = (got.double() - want).abs().max().item()
+    assert err <= tol, (err, tol)
+
+
+def test_module_runs_under_bfloat16_autocast() -> None:
+    torch.manual_seed(0)
+    d, L, nH, P = 32, 3, 4, 2
+    attn = MSDeformAttn(d, L, nH, P)
+    with torch.no_grad():
+        attn.sampling_offsets.weight.normal_(0.0, 0.2)
+        attn.attention_weights.weight.normal_(0.0, 0.2)
+    shapes = [(9, 13), (5, 7), (3, 4)]
+    S = sum(h * w for h, w in shapes)
+    query, value = torch.randn(2, 7, d), torch.randn(2, S, d)
+    ref = torch.rand(2, 7, L, 2)
+    pad = torch.zeros(2, S, dtype=torch.bool)
+    pad[1, :5] = True
+    full = attn(query, ref, value, torch.tensor(shapes), level_start(shapes), pad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = attn(query, ref, value, torch.tensor(shapes), level_start(shapes), pad)
+    assert low.shape == (2, 7, d) and torch.isfinite(low).all()
+    # bfloat16 keeps 8 significant bits (eps 2 ** -7); a few chained roundings stay far below 10 percent.
+    assert (low.float() - full).norm() <= 0.1 * full.norm()
+
+
+def test_module_initialisation_follows_the_paper() -> None:
+    """Zero query weights; offsets of head h along (cos, sin)(2 pi h / nH) scaled to max-norm 1, times p + 1;
+    uniform attention over the L * P points of a head."""
+    nH, L, P = 8, 2, 3
+    attn = MSDeformAttn(16, L, nH, P)
+    dirs = torch.tensor([[1, 0], [1, 1], [0, 1], [-1, 1], [-1, 0], [-1, -1], [0, -1], [1, -1]], dtype=torch.float32)
+    expected = dirs[:, None, None, :] * torch.arange(1, P + 1, dtype=torch.float32)[None, None, :, None]
+    bias = attn.sampling_offsets.bias.detach().view(nH, L, P, 2)
+    torch.testing.assert_close(bias, expected.expand(nH, L, P, 2), rtol=0, atol=1e-6)
+    assert (attn.sampling_offsets.weight == 0).all() and (attn.attention_weights.weight == 0).all()
+    assert (attn.attention_weights.bias == 0).all()
+    assert (attn.value_proj.bias == 0).all() and (attn.output_proj.bias == 0).all()
+    # Uniform attention: a constant value map reads back its projection wherever every point lands inside.
+    shapes = [(9, 9), (8, 8)]  # points at most P = 3 cells from the centre stay inside
+    S = 81 + 64
+    value = torch.ones(1, S, 16)
+    ref = torch.full((1, 1, L, 2), 0.5)
+    out = attn(torch.randn(1, 1, 16), ref, value, torch.tensor(shapes), level_start(shapes), None)
+    torch.testing.assert_close(out, attn.output_proj(attn.value_proj(value[:, :1])), rtol=0, atol=1e-5)
+
+
+def test_bad_inputs_name_what_is_wrong() -> None:
+    value, ss, starts, loc, w = random_case(1, 2, 2, 2, 2, SHAPES, torch.float64)
+    with pytest.raises(ValueError, match="weights must be"):
+        ms_deform_attn_sample(value, ss, starts, loc, w[..., :1])
+    with pytest.raises(ValueError, match="locations must be"):
+        ms_deform_attn_sample(value, ss, starts, loc[:, :, :1], w)
+    with pytest.raises(ValueError, match="does not fit"):
+        ms_deform_attn_sample(value[:, :-1], ss, starts, loc, w)
+    with pytest.raises(TypeError, match="spatial_shapes"):
+        ms_deform_attn_sample(value, ss.double(), starts, loc, w)
+    attn = MSDeformAttn(8, 3, 2, 2)
+    with pytest.raises(ValueError, match="divisible"):
+        MSDeformAttn(10, 3, 4, 2)
+    query, val = torch.randn(1, 2, 8), torch.randn(1, 38, 8)
+    with pytest.raises(ValueError, match="reference_points"):
+        attn(query, torch.rand(1, 2, 3, 3), val, ss, starts, None)
+    with pytest.raises(ValueError, match="padding_mask"):
+        attn(query, torch.rand(1, 2, 3, 2), val, ss, starts, torch.zeros(1, 37, dtype=torch.bool))
+    with pytest.raises(ValueError, match="n_levels=3"):
+        attn(query, torch.rand(1, 2, 3, 2), val, ss[:2], starts[:2], None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu() -> None:
+    value, ss, starts, loc, w = random_case(2, 5, 2, 3, 3, SHAPES, torch.float64, seed=7)
+    cpu = ms_deform_attn_sample(value, ss, starts, loc, w)
+    gpu = ms_deform_attn_sample(value.cuda(), ss.cuda(), starts.cuda(), loc.cuda(), w.cuda())
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-12)
+    attn = randomised_module(8, len(SHAPES), 2, 3)
+    S = sum(h * wd for h, wd in SHAPES)
+    q, v = torch.randn(2, 4, 8, dtype=torch.float64), torch.randn(2, S, 8, dtype=torch.float64)
+    ref = torch.rand(2, 4, 3, 4)
+    want = attn(q, ref.double(), v, ss, starts, None)
+    with torch.autocast("cuda", dtype=torch.float16):
+        low = attn.float().cuda()(q.float().cuda(), ref.cuda(), v.float().cuda(), ss.cuda(), starts.cuda(), None)
+    # float16 keeps 11 significant bits (eps 2 ** -10); a few chained roundings stay far below 5 percent.
+    assert torch.isfinite(low).all() and (low.double().cpu() - want).norm() <= 0.05 * want.norm()

@@ -67,7 +67,8 @@ def ms_deform_attn_sample(
 
     The sampling runs ``grid_sample`` once per level (levels differ in size) in the common floating dtype
     of ``value``, ``locations`` and ``weights`` (so it also runs under autocast, which may hand it mixed
-    dtypes); the weighted sum over points is a batched contraction per level, accumulated over levels.
+    dtypes); the weighted sum over points is taken per level and accumulated over levels, so no tensor
+    holds the samples of all levels at once.
     """
     if value.dim() != 4:
         raise ValueError(f"value must be (B, S, nH, Dh), got shape {tuple(value.shape)}")
@@ -101,11 +102,11 @@ def ms_deform_attn_sample(
     for lvl, ((h, wd), s0) in enumerate(zip(shapes, starts, strict=True)):
         v_l = v[:, s0 : s0 + h * wd].permute(0, 2, 3, 1).reshape(B * nH, Dh, h, wd)
         sampled = F.grid_sample(v_l, grid[:, lvl], mode="bilinear", padding_mode="zeros", align_corners=False)
-        term = torch.einsum("ndqp,nqp->nqd", sampled, w[:, lvl])  # (B*nH, Q, Dh)
+        term = (sampled * w[:, lvl, None]).sum(-1)  # (B*nH, Dh, Q)
         out = term if out is None else out + term
     if out is None:
         raise ValueError("spatial_shapes is empty: need at least one level")
-    return out.view(B, nH, Q, Dh).transpose(1, 2).reshape(B, Q, nH * Dh).to(value.dtype)
+    return out.view(B, nH * Dh, Q).transpose(1, 2).contiguous().to(value.dtype)
 
 
 class MSDeformAttn(nn.Module):
