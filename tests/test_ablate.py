@@ -1,14 +1,16 @@
-"""tools/ablate.py with a fake trainer (fast) and, marked slow, with the real tools/train.py."""
+"""detr_ot.ablation (the tools/ablate.py CLI) with a fake trainer (fast) and, marked slow, with the real
+tools/train.py."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+
+from detr_ot.ablation import cli, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -62,19 +64,6 @@ with open(os.path.join(out, "finished.json"), "w") as f:
 """
 
 
-def load_ablate():
-    spec = importlib.util.spec_from_file_location("ablate_cli", ROOT / "tools" / "ablate.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up in sys.modules
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="module")
-def ablate():
-    return load_ablate()
-
-
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
     fake = tmp_path / "fake_train.py"
@@ -103,16 +92,16 @@ def calls(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in p.read_text().splitlines()] if p.is_file() else []
 
 
-def test_grid_parsing_and_names(ablate) -> None:
-    assert ablate.split_values("a,b , c") == ["a", "b", "c"]
-    assert ablate.split_values("[1,2],[3,4]") == ["[1,2]", "[3,4]"]
-    assert ablate.split_values("'x,y',z") == ["'x,y'", "z"]
-    grid = ablate.parse_grid(["matcher.name=hungarian,sinkhorn", "loss.cls=focal,rs"])
+def test_grid_parsing_and_names() -> None:
+    assert plan.split_values("a,b , c") == ["a", "b", "c"]
+    assert plan.split_values("[1,2],[3,4]") == ["[1,2]", "[3,4]"]
+    assert plan.split_values("'x,y',z") == ["'x,y'", "z"]
+    grid = plan.parse_grid(["matcher.name=hungarian,sinkhorn", "loss.cls=focal,rs"])
     assert grid == {"matcher.name": ["hungarian", "sinkhorn"], "loss.cls": ["focal", "rs"]}
     for bad in (["seed=0,1"], ["a=1", "a=2"], ["novalue"], ["a=1,,2"], ["a=1,1"]):
         with pytest.raises(ValueError):
-            ablate.parse_grid(bad)
-    jobs = ablate.expand(grid, [0, 1], Path("R"))
+            plan.parse_grid(bad)
+    jobs = plan.expand(grid, [0, 1], Path("R"))
     assert len(jobs) == 8
     assert [j.name for j in jobs[:4]] == [
         "matcher.name=hungarian__loss.cls=focal__seed=0",
@@ -123,23 +112,23 @@ def test_grid_parsing_and_names(ablate) -> None:
     assert [j.seed for j in jobs] == [0] * 4 + [1] * 4
     assert jobs[5].overrides == {"matcher.name": "hungarian", "loss.cls": "rs"}
     assert jobs[5].dir == Path("R") / "matcher.name=hungarian__loss.cls=rs__seed=1"
-    assert ablate.variant_name({"data.root": "/a b/c*"}, 2) == "data.root=-a-b-c-__seed=2"
-    long = ablate.variant_name({"k": "v" * 400}, 0)
+    assert plan.variant_name({"data.root": "/a b/c*"}, 2) == "data.root=-a-b-c-__seed=2"
+    long = plan.variant_name({"k": "v" * 400}, 0)
     assert len(long) <= 170 and long.endswith("__seed=0")
     with pytest.raises(ValueError, match="collide"):
-        ablate.expand({"k": ["a/b", "a:b"]}, [0], Path("R"))
+        plan.expand({"k": ["a/b", "a:b"]}, [0], Path("R"))
 
 
-def test_variants_are_one_grid_axis(ablate) -> None:
-    grid = ablate.parse_grid(["loss.cls=focal,rs"])
-    variants = ablate.parse_variants(
+def test_variants_are_one_grid_axis() -> None:
+    grid = plan.parse_grid(["loss.cls=focal,rs"])
+    variants = plan.parse_variants(
         ["matcher.name=hungarian", "matcher.name=gu 'matcher.gu.target=identity' matcher.gu.scale=0.05"], grid
     )
     assert variants == [
         {"matcher.name": "hungarian"},
         {"matcher.name": "gu", "matcher.gu.target": "identity", "matcher.gu.scale": "0.05"},
     ]
-    jobs = ablate.expand(grid, [3], Path("R"), variants)
+    jobs = plan.expand(grid, [3], Path("R"), variants)
     assert [j.overrides for j in jobs] == [
         {"matcher.name": "hungarian", "loss.cls": "focal"},
         {"matcher.name": "hungarian", "loss.cls": "rs"},
@@ -149,12 +138,16 @@ def test_variants_are_one_grid_axis(ablate) -> None:
     assert jobs[2].name == "matcher.name=gu__matcher.gu.target=identity__matcher.gu.scale=0.05__loss.cls=focal__seed=3"
     for bad in (["loss.cls=ce"], ["seed=1"], ["a"], ["a="], ["a=1 a=2"], [""], ["a=1", "a=1"]):
         with pytest.raises(ValueError):
-            ablate.parse_variants(bad, grid)
+            plan.parse_variants(bad, grid)
 
 
-def test_slots(ablate) -> None:
-    p = ablate.build_parser()
-    mk = lambda *a: ablate.make_slots(p.parse_args(["--config", "c", "--out", "o", *a]))  # noqa: E731
+def test_slots() -> None:
+    p = cli.build_parser()
+
+    def mk(*a: str) -> list[str | None]:
+        args = p.parse_args(["--config", "c", "--out", "o", *a])
+        return plan.make_slots(args.jobs, args.gpus, args.torchrun)
+
     assert mk() == [None]
     assert mk("--jobs", "3") == [None, None, None]
     assert mk("--gpus", "0,1") == ["0", "1"]
@@ -163,8 +156,8 @@ def test_slots(ablate) -> None:
         mk("--gpus", "0,1,2", "--torchrun", "2")
 
 
-def test_dry_run_prints_commands_and_writes_nothing(ablate, env, capsys) -> None:
-    rc = ablate.main(
+def test_dry_run_prints_commands_and_writes_nothing(env, capsys) -> None:
+    rc = cli.main(
         base_args(
             env,
             "--grid",
@@ -195,17 +188,17 @@ def test_dry_run_prints_commands_and_writes_nothing(ablate, env, capsys) -> None
     assert "4 runs (2 variants x 2 seeds)" in out
 
 
-def test_dry_run_with_variants(ablate, env, capsys) -> None:
-    rc = ablate.main(base_args(env, "--variant", "a=1 b=x", "--variant", "a=2", "--grid", "c=u,v", "--dry-run"))
+def test_dry_run_with_variants(env, capsys) -> None:
+    rc = cli.main(base_args(env, "--variant", "a=1 b=x", "--variant", "a=2", "--grid", "c=u,v", "--dry-run"))
     assert rc == 0
     out = capsys.readouterr().out
     assert " a=1 b=x c=v seed=0 " in out and " a=2 c=u seed=0 " in out
     assert "4 runs (4 variants x 1 seeds)" in out
 
 
-def test_ablation_with_failure_then_skip(ablate, env, capsys) -> None:
+def test_ablation_with_failure_then_skip(env, capsys) -> None:
     grid = ["--grid", "matcher.name=hungarian,broken,sinkhorn", "--seeds", "0", "1"]
-    rc = ablate.main(base_args(env, *grid, "--jobs", "2", "--reach", "0.5"))
+    rc = cli.main(base_args(env, *grid, "--jobs", "2", "--reach", "0.5"))
     out = capsys.readouterr().out
     root = Path(env["out"])
     assert rc == 1  # a variant failed
@@ -254,7 +247,7 @@ def test_ablation_with_failure_then_skip(ablate, env, capsys) -> None:
     assert float(h["sec_per_epoch"]) == 2.0 and int(h["seeds"]) == 2
 
     # second invocation: finished runs are skipped (not re-launched), the broken one is tried again
-    rc2 = ablate.main(base_args(env, *grid))
+    rc2 = cli.main(base_args(env, *grid))
     out2 = capsys.readouterr().out
     assert rc2 == 1
     summary2 = json.loads((root / "ablation.json").read_text())
@@ -268,18 +261,18 @@ def test_ablation_with_failure_then_skip(ablate, env, capsys) -> None:
     assert len(calls(root / "matcher.name=broken__seed=0")) == 2
 
     # without the broken variant everything is skipped and the exit code is 0
-    assert ablate.main(base_args(env, "--grid", "matcher.name=hungarian,sinkhorn", "--seeds", "0", "1")) == 0
+    assert cli.main(base_args(env, "--grid", "matcher.name=hungarian,sinkhorn", "--seeds", "0", "1")) == 0
 
 
-def test_interrupted_run_is_resumed(ablate, env, capsys) -> None:
+def test_interrupted_run_is_resumed(env, capsys) -> None:
     args = base_args(
         env, "--grid", "matcher.name=hungarian", "--extra", "fake.crash_once_after=0", "--no-plots"
     )
-    assert ablate.main(args) == 1
+    assert cli.main(args) == 1
     d = Path(env["out"]) / "matcher.name=hungarian__seed=0"
     assert not (d / "finished.json").exists() and len((d / "log.txt").read_text().splitlines()) == 1
     assert "simulated interruption" in capsys.readouterr().out
-    assert ablate.main(args) == 0
+    assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "resume matcher.name=hungarian__seed=0" in out
     epochs = [json.loads(x)["epoch"] for x in (d / "log.txt").read_text().splitlines()]
@@ -289,7 +282,7 @@ def test_interrupted_run_is_resumed(ablate, env, capsys) -> None:
     assert "launching:" in log and "resuming:" in log  # stdout.log is appended, not overwritten
 
 
-def test_gpus_and_progress(ablate, env, capsys) -> None:
+def test_gpus_and_progress(env, capsys) -> None:
     args = base_args(
         env,
         "--grid",
@@ -302,7 +295,7 @@ def test_gpus_and_progress(ablate, env, capsys) -> None:
         "0.2",
         "--no-plots",
     )
-    assert ablate.main(args) == 0
+    assert cli.main(args) == 0
     out = capsys.readouterr().out
     root = Path(env["out"])
     used = {calls(root / f"matcher.name={m}__seed=0")[0]["cuda"] for m in ("hungarian", "sinkhorn")}
@@ -314,21 +307,21 @@ def test_gpus_and_progress(ablate, env, capsys) -> None:
     assert any("matcher.name=sinkhorn__seed=0 (epochs done " in ln and "/3, AP " in ln for ln in progress)
 
 
-def test_bad_arguments(ablate, env) -> None:
+def test_bad_arguments(env) -> None:
     with pytest.raises(SystemExit):
-        ablate.main(base_args(env, "--grid", "a=1", "--extra", "a=2"))
+        cli.main(base_args(env, "--grid", "a=1", "--extra", "a=2"))
     with pytest.raises(SystemExit):
-        ablate.main(base_args(env, "--variant", "b=1 a=1", "--extra", "a=2"))
+        cli.main(base_args(env, "--variant", "b=1 a=1", "--extra", "a=2"))
     with pytest.raises(SystemExit):
-        ablate.main(base_args(env, "--variant", "a=1", "--grid", "a=2,3"))
+        cli.main(base_args(env, "--variant", "a=1", "--grid", "a=2,3"))
     with pytest.raises(SystemExit):
-        ablate.main(base_args(env, "--grid", "a=1", "--jobs", "2", "--gpus", "0,1"))
+        cli.main(base_args(env, "--grid", "a=1", "--jobs", "2", "--gpus", "0,1"))
     with pytest.raises(SystemExit):
-        ablate.main(["--config", env["cfg"], "--out", env["out"], "--train-script", "/nonexistent/train.py"])
+        cli.main(["--config", env["cfg"], "--out", env["out"], "--train-script", "/nonexistent/train.py"])
 
 
 @pytest.mark.slow
-def test_real_ablation_end_to_end(ablate, tmp_path: Path, capsys) -> None:
+def test_real_ablation_end_to_end(tmp_path: Path, capsys) -> None:
     train = ROOT / "tools" / "train.py"
     config = ROOT / "configs" / "shapes.yaml"
     if not train.is_file() or not config.is_file():
@@ -361,7 +354,7 @@ def test_real_ablation_end_to_end(ablate, tmp_path: Path, capsys) -> None:
         "--extra",
         *extra,
     ]
-    rc = ablate.main(args)
+    rc = cli.main(args)
     out1 = capsys.readouterr().out
     assert rc == 0, out1
     summary = json.loads((out / "ablation.json").read_text())
@@ -382,6 +375,6 @@ def test_real_ablation_end_to_end(ablate, tmp_path: Path, capsys) -> None:
     last = json.loads((out / "train.epochs=2__seed=0" / "log.txt").read_text().splitlines()[-1])
     assert float(rows["train.epochs=2"]["final_ap"]) == last["test_coco_eval_bbox"][0]
     # second invocation skips both finished runs
-    assert ablate.main(args) == 0
+    assert cli.main(args) == 0
     summary2 = json.loads((out / "ablation.json").read_text())
     assert [v["status"] for v in summary2["variants"]] == ["skipped", "skipped"]
