@@ -379,3 +379,17 @@ def test_train_and_val_categories_differing_exit_with_a_clear_message(tmp_path: 
     err = capsys.readouterr().err
     assert "only in training: [9]" in err, err
     assert not (tmp_path / "run" / "checkpoint.pth").exists()
+
+
+def test_missing_explicit_path_exits_before_training(tmp_path: Path, train_cli, capsys) -> None:
+    files = custom_dataset(tmp_path / "data")
+    typo = files.val.ann.with_name("vall.json")
+    overrides = tiny_overrides(
+        tmp_path / "no_root", tmp_path / "run",
+        f"data.train_ann={files.train.ann}", f"data.train_images={files.train.images}",
+        f"data.val_ann={typo}", f"data.val_images={files.val.images}", "model.pretrained=false",
+    )
+    assert train_cli.main(["--config", str(CUSTOM_YAML), "--no-progress", *overrides]) == 1
+    err = capsys.readouterr().err
+    assert f"data.val_ann={typo}: annotation file does not exist" in err, err
+    assert not (tmp_path / "run" / "log.txt").exists()
