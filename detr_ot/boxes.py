@@ -12,10 +12,6 @@ def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
     return box_convert(boxes, "cxcywh", "xyxy")
 
 
-def xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
-    return box_convert(boxes, "xyxy", "cxcywh")
-
-
 def pairwise_giou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """GIoU (Rezatofighi et al., CVPR 2019) between every box of ``boxes1`` (B, N, 4) and ``boxes2``
     (B, M, 4), both xyxy; returns (B, N, M) (2-D inputs give (N, M))."""

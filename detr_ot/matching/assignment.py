@@ -40,15 +40,3 @@ class Assignment:
         best = self.plan.detach().argmax(-1)
         b, q = (best > 0).nonzero(as_tuple=True)
         return b, q, best[b, q] - 1
-
-    @classmethod
-    def from_pairs(
-        cls, batch: int, queries: int, gt_mask: torch.Tensor, b: torch.Tensor, q: torch.Tensor, g: torch.Tensor
-    ) -> Assignment:
-        """A hard assignment from matched (batch, query, gt) index pairs."""
-        m = gt_mask.shape[1]
-        plan = torch.zeros(batch, queries, m + 1, device=gt_mask.device)
-        plan[..., 0] = 1.0
-        plan[b, q, 0] = 0.0
-        plan[b, q, g + 1] = 1.0
-        return cls(plan=plan, gt_mask=gt_mask, hard=True)

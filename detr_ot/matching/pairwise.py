@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from detr_ot.boxes import cxcywh_to_xyxy, pairwise_iou_giou
 
@@ -148,8 +147,3 @@ def matching_cost(terms: PairwiseTerms, weights: CostWeights, detach: bool) -> t
             f"{which or ['sum']}: check the model outputs (pred_logits/pred_boxes) for NaN/inf"
         )
     return cost
-
-
-def padded_labels_onehot(labels: torch.Tensor, mask: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """One-hot B x M x K of the padded labels (zero rows where padded)."""
-    return F.one_hot(labels, num_classes).to(torch.float32) * mask[..., None]
