@@ -36,9 +36,9 @@ __all__ = [
     "Compose",
     "RandomHorizontalFlip",
     "RandomResize",
-    "Resolution",
     "RandomSelect",
     "RandomSizeCrop",
+    "Resolution",
     "ToTensorNormalize",
     "build_transforms",
     "resized_hw",
@@ -267,7 +267,7 @@ class Resolution:
 
     def crop_branch(self) -> tuple[list[int], tuple[int, int]]:
         """(first resize's shorter-side choices, [min, max] crop side) of the random-crop branch."""
-        ratio = max(self.scales) / COCO_VAL_SCALE
+        ratio = max(self.scales) / max(COCO_SCALES)
         scales = self.crop_scales or tuple(max(1, round(s * ratio)) for s in COCO_CROP_SCALES)
         size = self.crop_size or (max(1, round(COCO_CROP_SIZE[0] * ratio)), max(1, round(COCO_CROP_SIZE[1] * ratio)))
         return list(scales), (int(size[0]), int(size[1]))
