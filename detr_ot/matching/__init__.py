@@ -4,6 +4,7 @@ from detr_ot.matching import (
     gu,  # noqa: F401  (registers "gu")
     hungarian,  # noqa: F401  (registers "hungarian")
     sinkhorn,  # noqa: F401  (registers "sinkhorn")
+    supply,  # noqa: F401  (registers "one_to_many")
 )
 from detr_ot.matching.assignment import Assignment
 from detr_ot.matching.base import MATCHERS, Matcher

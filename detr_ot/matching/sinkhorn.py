@@ -1,25 +1,31 @@
-"""Entropic optimal-transport matcher: Sinkhorn-Knopp in the log domain, batched over the images of a batch.
+"""Entropic optimal-transport matcher with a background supplier column, batched over the images of a batch.
 
-Problem (000_8c158015f19ac4ee.txt eqs. 2.60-2.61 with the entropic term of eq. 2.67; iterations of
-Algorithm 1 / eq. 2.69 written in the log domain): for one image with Q queries and M ground truths,
+Problem (Cuturi, "Sinkhorn Distances", NeurIPS 2013; Peyre & Cuturi, "Computational Optimal Transport", 2019,
+eq. 4.2): for one image with Q queries and M ground truths of supplies k_j (1 for one-to-one matching; see
+:mod:`detr_ot.matching.supply`),
 
     min_{S >= 0}  <S, C> - eps * H(S)   s.t.  sum_j S_ij = a_i = 1  (every query, columns 0..M),
-                                              sum_i S_ij = b_j = 1  (every ground truth j = 1..M),
-                                              sum_i S_i0 = b_0 = Q - M  (the background "supplier"),
+                                              sum_i S_ij = b_j = k_j  (every ground truth j = 1..M),
+                                              sum_i S_i0 = b_0 = Q - sum_j k_j  (the background "supplier"),
 
-with C_i0 the background cost. Column 0 absorbs the Q - M queries that match nothing, so the problem is
-balanced (sum a = sum b = Q) and the plan's rows sum to 1, as :class:`Assignment` requires.
+with C_i0 the background cost. Column 0 absorbs the queries that match nothing, so the problem is balanced
+(sum a = sum b = Q) and the plan's rows sum to 1, as :class:`Assignment` requires. The iterations are in
+:mod:`detr_ot.matching.balanced`; ``marginals=unbalanced`` relaxes the column marginals by a KL penalty of
+strength ``tau`` instead (:mod:`detr_ot.matching.unbalanced`).
 
 Facts used below (all proven by the row/column-shift invariance of the transport polytope: adding r_i to row i
 or s_j to column j of C changes <S, C> by the constant sum_i r_i a_i + sum_j s_j b_j):
-  * a background cost that is the same for every query is absorbed by the column potential g_0, so it changes
-    neither the entropic plan nor the exact one; only a per-query background cost would matter;
-  * every Sinkhorn iterate is S = diag(e^u) K diag(e^v) (eq. 2.58), so -log S_ij = C_ij/eps - u_i - v_j and
-    the most probable one-to-one assignment under S (max prod S over assignments) is exactly the min-cost
-    (Hungarian) assignment of C, at any eps and any iteration count: ``mode="hard"`` therefore rounds with
-    :func:`solve_hungarian` on the cost itself (tested against a brute-force rounding of the plan);
-  * as eps -> 0 the entropic plan tends to the (max-entropy) optimal plan (eq. 2.68), which is the Hungarian
-    assignment when that is unique (tested).
+  * a background cost that is the same for every query is absorbed by the column potential of the background,
+    so it changes neither the balanced entropic plan nor the exact one (the unbalanced plan does change);
+  * every Sinkhorn iterate is S = diag(e^u) K diag(e^v) (Peyre & Cuturi, Prop. 4.3; for the unbalanced
+    iterations too, with the reference measure folded into K), so -log S_ij = C_ij/eps - u_i - v_j + const_ij
+    where the constants sum to the same value over every assignment that gives column j exactly k_j queries;
+    the most probable such assignment under S (max prod S) is therefore exactly the min-cost one of C, at any
+    eps and any iteration count: ``mode="hard"`` rounds with
+    :func:`~detr_ot.matching.supply.solve_one_to_many` (:func:`solve_hungarian` for k_j = 1) on the cost
+    itself (tested against a brute-force rounding of the plan);
+  * as eps -> 0 the entropic plan tends to the (max-entropy) optimal plan (Peyre & Cuturi, Prop. 4.1), which is
+    the exact assignment when that is unique (tested).
 """
 
 from __future__ import annotations
@@ -27,45 +33,63 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from detr_ot.matching.assignment import Assignment
+from detr_ot.matching.balanced import sinkhorn_log
 from detr_ot.matching.base import MATCHERS, Matcher
-from detr_ot.matching.hungarian import solve_hungarian
+from detr_ot.matching.implicit import sinkhorn_implicit
 from detr_ot.matching.pairwise import CostWeights, PairwiseTerms, matching_cost
+from detr_ot.matching.supply import SupplyOptions, column_marginals, solve_one_to_many, supplies
+from detr_ot.matching.unbalanced import sinkhorn_unbalanced_log
+
+__all__ = ["SinkhornMatcher", "SinkhornOptions", "sinkhorn_log"]
 
 _NORMALIZE = ("none", "max", "mean")
 _MODES = ("soft", "hard")
-_GRADIENTS = ("unrolled", "detached", "straight_through")
+_GRADIENTS = ("unrolled", "detached", "straight_through", "implicit")
 _BACKENDS = ("torch", "pot")
 _ANNEAL = ("geometric", "linear")
-_PROMOTE_RANGE = 2.0**14  # max|C|/eps above which float32 costs are iterated in float64 (see sinkhorn_log)
+_MARGINALS = ("balanced", "unbalanced")
 
 
 @dataclass
-class SinkhornOptions:
+class SinkhornOptions(SupplyOptions):
     """Config keys ``matcher.sinkhorn.<field>``.
 
+    supply, k, topq: the supply k_j of every ground truth (:class:`~detr_ot.matching.supply.SupplyOptions`;
+        default ``one``: one-to-one).
     epsilon: entropic regularisation (on the normalised cost when ``normalize`` is not ``none``); with
         ``epsilon_start > 0`` it is the value reached at the last epoch.
     epsilon_start: > 0 anneals epsilon from this value (first epoch) to ``epsilon`` (last epoch);
         0 keeps epsilon constant.
     anneal: ``geometric`` (log-linear in the epoch) or ``linear`` schedule.
     iters: maximum number of Sinkhorn iterations (one column + one row update each).
-    tol: > 0 stops once the largest column-marginal violation of the batch is below ``tol`` (checked every
-        ``check_every`` iterations, like POT); 0 runs exactly ``iters`` iterations.
+    tol: > 0 stops once the largest column-marginal violation of the batch is below ``tol`` (unbalanced: the
+        largest change of the column log-potential), checked every ``check_every`` iterations like POT, one host
+        sync per check; 0 runs exactly ``iters`` iterations without a sync.
     normalize: divide each image's cost by its max (``max``) or mean (``mean``) absolute real entry, computed
         on the detached cost so the scale is not differentiated; ``none`` keeps the raw cost.
-    background_cost: C_i0, the same for every query (a constant is absorbed by the background potential, see
-        the module docstring, so it does not change the plan; kept for completeness).
-    mode: ``soft`` returns the entropic plan; ``hard`` the one-to-one assignment it rounds to.
-    gradient: ``unrolled`` (autograd through the iterations; soft mode), ``detached`` (no gradient), or
-        ``straight_through`` (hard mode: the hard plan forward, the unrolled soft plan's gradient backward).
-    backend: ``torch`` (batched, this module) or ``pot`` (a loop over images calling
-        ``ot.sinkhorn(..., method="sinkhorn_log")``, for verification).
+    background_cost: C_i0, the same for every query (absorbed by the background potential in the balanced
+        problem, see the module docstring; it matters for ``marginals=unbalanced``).
+    marginals: ``balanced`` (strict marginals) or ``unbalanced`` (De Plaen et al., CVPR 2023: the column
+        marginals, background included, relaxed by ``tau * KL``; rows stay strict, see
+        :mod:`detr_ot.matching.unbalanced`).
+    tau: the KL strength of ``marginals=unbalanced`` (POT's ``reg_m`` for the columns), in the units of the
+        normalised cost like epsilon; ``inf`` gives the balanced plan.
+    mode: ``soft`` returns the entropic plan; ``hard`` the assignment it rounds to (k_j queries per ground
+        truth).
+    gradient: ``unrolled`` (autograd through the iterations; soft mode), ``detached`` (no gradient),
+        ``straight_through`` (hard mode: the hard plan forward, the unrolled soft plan's gradient backward), or
+        ``implicit`` (the gradient of the converged plan by implicit differentiation, memory independent of
+        ``iters``, :mod:`detr_ot.matching.implicit`; balanced marginals; in hard mode passed straight through).
+    backend: ``torch`` (batched) or ``pot`` (a loop over images calling POT's ``ot.sinkhorn(...,
+        method="sinkhorn_log")`` or ``ot.unbalanced.sinkhorn_unbalanced``, for verification).
     """
 
+    _name: ClassVar[str] = "sinkhorn"
     epsilon: float = 0.05
     epsilon_start: float = 0.0
     anneal: str = "geometric"
@@ -74,11 +98,15 @@ class SinkhornOptions:
     check_every: int = 10
     normalize: str = "max"
     background_cost: float = 0.0
+    marginals: str = "balanced"
+    tau: float = 1.0
     mode: str = "soft"
     gradient: str = "unrolled"
     backend: str = "torch"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+
         def check(name: str, value: str, allowed: tuple[str, ...]) -> None:
             if value not in allowed:
                 raise ValueError(f"matcher.sinkhorn.{name}={value!r}: use one of {list(allowed)}")
@@ -88,9 +116,10 @@ class SinkhornOptions:
         check("gradient", self.gradient, _GRADIENTS)
         check("backend", self.backend, _BACKENDS)
         check("anneal", self.anneal, _ANNEAL)
-        if not self.epsilon > 0 or self.epsilon_start < 0:
+        check("marginals", self.marginals, _MARGINALS)
+        if not self.epsilon > 0 or self.epsilon_start < 0 or not self.tau > 0:
             raise ValueError(
-                f"matcher.sinkhorn.epsilon={self.epsilon} must be > 0 and "
+                f"matcher.sinkhorn.epsilon={self.epsilon} and tau={self.tau} must be > 0, "
                 f"epsilon_start={self.epsilon_start} >= 0"
             )
         if self.iters < 1 or self.check_every < 1 or self.tol < 0:
@@ -101,101 +130,18 @@ class SinkhornOptions:
         if self.mode == "hard" and self.gradient == "unrolled":
             raise ValueError(
                 "matcher.sinkhorn.mode=hard with gradient=unrolled: a rounded plan has zero derivative; use "
-                "gradient=straight_through (hard forward, soft backward) or gradient=detached"
+                "gradient=straight_through (hard forward, soft backward), implicit or detached"
             )
         if self.mode == "soft" and self.gradient == "straight_through":
             raise ValueError(
                 "matcher.sinkhorn.gradient=straight_through needs mode=hard (it passes the soft plan's "
                 "gradient straight through the rounding)"
             )
-
-
-def _masked_fill_value(dtype: torch.dtype) -> float:
-    """A finite stand-in for -inf in the log-kernel of masked columns: it never wins a max, its exp() term is
-    clamped away, and no inf - inf = NaN can appear in the forward or backward pass."""
-    return -torch.finfo(dtype).max / 4
-
-
-def sinkhorn_log(
-    cost: torch.Tensor,
-    row_marginals: torch.Tensor,
-    col_marginals: torch.Tensor,
-    col_mask: torch.Tensor | None = None,
-    epsilon: float = 0.05,
-    iters: int = 50,
-    tol: float = 0.0,
-    check_every: int = 10,
-) -> torch.Tensor:
-    """Batched entropic OT plan in the log domain.
-
-    ``cost`` B x Q x N, ``row_marginals`` B x Q (> 0), ``col_marginals`` B x N, ``col_mask`` B x N (True for
-    real columns; masked columns, and columns of zero marginal, carry no mass). Returns the plan B x Q x N.
-
-    Algorithm 1 of 000_8c158015f19ac4ee.txt (eq. 2.69) with scaled log-potentials u = log(u_scaling),
-    v = log(v_scaling): ``v = log b - LSE_i(-C/eps + u)``, then ``u = log a - LSE_j(-C/eps + v)``, the same
-    order as POT's ``sinkhorn_log`` (so a fixed iteration count gives POT's plan, not only the converged one),
-    ending with the row update so every row of the returned plan sums to its ``a_i`` exactly. ``tol > 0``:
-    stop once the largest absolute column-marginal violation in the batch is below ``tol``, checked every
-    ``check_every`` iterations. Differentiable by autograd (unrolled); no loop over images.
-
-    Precision: the log-plan ``-C/eps + u + v`` cancels terms of size max|C|/eps, so in float32 the plan's
-    relative error is about 6e-8 * max|C|/eps (6% at costs 1e3 and eps 1e-3). When max|C|/eps exceeds
-    ``2**14`` a lower-precision cost is therefore iterated in float64 and the plan cast back (one host sync);
-    half-precision costs are always iterated in float32 at least.
-    """
-    if cost.dim() != 3:
-        raise ValueError(f"sinkhorn_log: cost must be B x Q x N, got shape {tuple(cost.shape)}")
-    if col_mask is None:
-        col_mask = torch.ones(cost.shape[0], cost.shape[2], dtype=torch.bool, device=cost.device)
-    col_mask = col_mask & (col_marginals > 0)
-    out_dtype = cost.dtype
-    if out_dtype in (torch.float16, torch.bfloat16):  # 8-11 bit mantissas cannot hold log-potentials
-        cost = cost.float()
-    if cost.dtype != torch.float64 and cost.numel() > 0:
-        dynamic_range = torch.where(col_mask[:, None, :], cost.detach().abs(), 0).amax() / epsilon
-        if float(dynamic_range) > _PROMOTE_RANGE:
-            cost = cost.double()
-    neg = _masked_fill_value(cost.dtype)
-    floor = _exp_floor(cost.dtype)
-    log_k = torch.where(col_mask[:, None, :], -cost / epsilon, torch.full_like(cost, neg))
-    log_k_t = log_k.transpose(1, 2).contiguous()  # the column update reduces over a contiguous last dim
-    log_a = row_marginals.to(cost.dtype).log()
-    b = col_marginals.to(cost.dtype)
-    log_b = torch.where(col_mask, b.clamp_min(torch.finfo(cost.dtype).tiny).log(), torch.zeros_like(b))
-    zero_b = torch.zeros_like(b)
-    u = torch.zeros_like(log_a)
-    v = zero_b
-    for it in range(iters):
-        v = torch.where(col_mask, log_b - _logsumexp_last(log_k_t + u[:, None, :], floor), zero_b)
-        u = log_a - _logsumexp_last(log_k + v[:, None, :], floor)
-        if tol > 0 and it % check_every == 0:
-            with torch.no_grad():
-                cols = _plan(log_k, u, v, col_mask, floor).sum(1)
-                err = torch.where(col_mask, cols - b, zero_b).abs().amax()
-            if float(err) < tol:
-                break
-    return _plan(log_k, u, v, col_mask, floor).to(out_dtype)
-
-
-def _exp_floor(dtype: torch.dtype) -> float:
-    """Exponents below this are clamped before exp(): their terms are < 1e-36 of the largest (zero for the
-    result), and exp() of arguments that underflow to subnormals is ~40x slower on x86 CPUs."""
-    return math.log(torch.finfo(dtype).tiny) + 4.0
-
-
-def _logsumexp_last(x: torch.Tensor, floor: float) -> torch.Tensor:
-    """log-sum-exp over the last dimension, shifted by the (detached, hence constant) max and clamped at
-    ``floor``; about 2x faster than ``torch.logsumexp`` here, same value to rounding."""
-    m = x.detach().amax(-1, keepdim=True)
-    return x.sub(m).clamp_min_(floor).exp_().sum(-1).log_() + m.squeeze(-1)
-
-
-def _plan(log_k: torch.Tensor, u: torch.Tensor, v: torch.Tensor, col_mask: torch.Tensor, floor: float):
-    """exp(-C/eps + u_i + v_j); masked columns exactly 0."""
-    log_plan = (log_k + u[:, :, None] + v[:, None, :]).clamp_min(floor)
-    return torch.where(
-        col_mask[:, None, :], log_plan.exp(), torch.zeros((), dtype=log_k.dtype, device=log_k.device)
-    )
+        if self.gradient == "implicit" and (self.marginals != "balanced" or self.backend != "torch"):
+            raise ValueError(
+                "matcher.sinkhorn.gradient=implicit differentiates the balanced fixed point with the torch "
+                f"backend; got marginals={self.marginals!r}, backend={self.backend!r} (use gradient=unrolled)"
+            )
 
 
 def _sinkhorn_pot(
@@ -206,8 +152,10 @@ def _sinkhorn_pot(
     options: SinkhornOptions,
     epsilon: float,
 ) -> torch.Tensor:
-    """Per-image POT reference (``backend=pot``): ``ot.sinkhorn(a, b, M, reg, method='sinkhorn_log')`` on each
-    image's real columns; POT's torch backend keeps autograd, so ``gradient=unrolled`` still works."""
+    """Per-image POT reference (``backend=pot``) on each image's real columns: ``ot.sinkhorn(a, b, M, reg,
+    method='sinkhorn_log')``, or for ``marginals=unbalanced`` ``ot.unbalanced.sinkhorn_unbalanced(a, b, M, reg,
+    reg_m=(inf, tau))`` followed by the final row update of :func:`sinkhorn_unbalanced_log` (``exact_rows``).
+    POT's torch backend keeps autograd, so ``gradient=unrolled`` still works."""
     import ot  # POT, a project dependency; imported lazily as it is only the verification backend
 
     plan = torch.zeros_like(cost)
@@ -216,16 +164,29 @@ def _sinkhorn_pot(
         idx = keep[b].nonzero().squeeze(1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            block = ot.sinkhorn(
-                rows[b],
-                cols[b, idx],
-                cost[b][:, idx],
-                epsilon,
-                method="sinkhorn_log",
-                numItermax=options.iters,
-                stopThr=options.tol,
-                warn=False,
-            )
+            if options.marginals == "unbalanced":
+                block = ot.unbalanced.sinkhorn_unbalanced(
+                    rows[b],
+                    cols[b, idx],
+                    cost[b][:, idx],
+                    epsilon,
+                    (math.inf, options.tau),
+                    method="sinkhorn",
+                    numItermax=options.iters,
+                    stopThr=0.0,
+                )
+                block = block * (rows[b] / block.sum(1))[:, None]
+            else:
+                block = ot.sinkhorn(
+                    rows[b],
+                    cols[b, idx],
+                    cost[b][:, idx],
+                    epsilon,
+                    method="sinkhorn_log",
+                    numItermax=options.iters,
+                    stopThr=options.tol,
+                    warn=False,
+                )
         plan[b, :, idx] = block  # autograd records the copy, so gradient=unrolled flows through POT
     return plan
 
@@ -247,8 +208,8 @@ def _cost_scale(cost: torch.Tensor, gt_mask: torch.Tensor, how: str) -> torch.Te
 
 @MATCHERS.register("sinkhorn", options=SinkhornOptions)
 class SinkhornMatcher(Matcher):
-    """Entropic OT matching (Cuturi 2013; 000_8c158015f19ac4ee.txt sec. 2.4, Algorithm 1) with a background
-    supplier column, batched over the images of a batch; see the module docstring for the problem."""
+    """Entropic OT matching (Cuturi, NeurIPS 2013) with a background supplier column and per-ground-truth
+    supplies, batched over the images of a batch; see the module docstring for the problem."""
 
     options: SinkhornOptions
 
@@ -272,10 +233,25 @@ class SinkhornMatcher(Matcher):
 
     def extra_repr(self) -> str:
         o = self.options
+        tau = f", tau={o.tau:g}" if o.marginals == "unbalanced" else ""
         return (
-            f"epsilon={self.epsilon:g}, iters={o.iters}, mode={o.mode}, gradient={o.gradient}, "
-            f"backend={o.backend}"
+            f"epsilon={self.epsilon:g}, iters={o.iters}, supply={o.supply}, marginals={o.marginals}{tau}, "
+            f"mode={o.mode}, gradient={o.gradient}, backend={o.backend}"
         )
+
+    def _soft_plan(
+        self, full: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, col_mask: torch.Tensor
+    ) -> torch.Tensor:
+        o, eps = self.options, self.epsilon
+        if o.backend == "pot":
+            return _sinkhorn_pot(full, rows, cols, col_mask, o, eps)
+        if o.marginals == "unbalanced":
+            return sinkhorn_unbalanced_log(
+                full, rows, cols, col_mask, eps, o.tau, math.inf, o.iters, o.tol, o.check_every, exact_rows=True
+            )
+        if o.gradient == "implicit":
+            return sinkhorn_implicit(full, rows, cols, col_mask, eps, o.iters, o.tol, o.check_every)
+        return sinkhorn_log(full, rows, cols, col_mask, eps, o.iters, o.tol, o.check_every)
 
     def forward(self, terms: PairwiseTerms) -> Assignment:
         o = self.options
@@ -283,28 +259,17 @@ class SinkhornMatcher(Matcher):
         gt_mask = terms.gt_mask
         if m == 0:
             return Assignment(plan=self.empty_like(terms), gt_mask=gt_mask, hard=o.mode == "hard")
-        counts = gt_mask.sum(1)
-        too_many = counts > queries
-        if bool(too_many.any()):
-            b = int(too_many.nonzero()[0])
-            raise ValueError(
-                f"sinkhorn matcher: image id {terms.image_ids[b]} (batch index {b}) has {int(counts[b])} "
-                f"ground truths but only {queries} queries; the one-to-one problem needs M <= Q"
-            )
+        k = supplies(terms, o)  # raises naming the image when M > Q
         cost = matching_cost(terms, self.weights, detach=o.gradient == "detached")
-        if o.mode == "hard" and o.gradient == "detached":  # the rounding is C's Hungarian plan (docstring)
-            return Assignment(plan=solve_hungarian(cost.detach(), gt_mask), gt_mask=gt_mask, hard=True)
+        if o.mode == "hard" and o.gradient == "detached":  # the rounding is C's exact assignment (docstring)
+            return Assignment(plan=solve_one_to_many(cost.detach(), k, gt_mask), gt_mask=gt_mask, hard=True)
 
         cost = cost / _cost_scale(cost, gt_mask, o.normalize)[:, None, None]
         full = torch.cat([torch.full_like(cost[..., :1], o.background_cost), cost], dim=-1)
         col_mask = torch.cat([torch.ones_like(gt_mask[:, :1]), gt_mask], dim=1)
         rows = torch.ones(batch, queries, dtype=cost.dtype, device=cost.device)
-        cols = torch.cat([(queries - counts)[:, None].to(cost.dtype), gt_mask.to(cost.dtype)], dim=1)
-        if o.backend == "pot":
-            soft = _sinkhorn_pot(full, rows, cols, col_mask, o, self.epsilon)
-        else:
-            soft = sinkhorn_log(full, rows, cols, col_mask, self.epsilon, o.iters, o.tol, o.check_every)
+        soft = self._soft_plan(full, rows, column_marginals(k, queries, cost.dtype), col_mask)
         if o.mode == "soft":
             return Assignment(plan=soft, gt_mask=gt_mask, hard=False)
-        hard = solve_hungarian(cost.detach(), gt_mask)
+        hard = solve_one_to_many(cost.detach(), k, gt_mask)
         return Assignment(plan=hard + (soft - soft.detach()), gt_mask=gt_mask, hard=True)
