@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from detr_ot.build import build_criterion, head_type
 from detr_ot.config import ConfigError, load_config
 from detr_ot.data.build import build_dataset, check_same_categories, resolve_split
 from detr_ot.data.coco import AnnotationError, CocoDetection
@@ -203,6 +204,41 @@ def test_evaluation_counts_like_pycocotools_on_completed_annotations(tmp_path: P
     expected = pycocotools_stats(completed(files.data), detections)
     assert stats == pytest.approx(expected, rel=0, abs=1e-12)
     assert 0 < expected[0] < 1  # neither vacuous nor trivially perfect
+
+
+@pytest.mark.parametrize("matcher, cls", [("hungarian", "ce"), ("hungarian", "focal"), ("sinkhorn", "ce"),
+                                          ("sinkhorn", "focal")])
+def test_label_zero_is_not_padding_or_no_object(matcher: str, cls: str) -> None:
+    """Renaming the classes (a permutation of the K labels and of the logit columns, the softmax no-object
+    column, last, kept) must leave every loss term unchanged. If padded target slots (label 0 in
+    PaddedTargets) or the no-object class were read as label 0 anywhere, the loss would depend on which
+    class is label 0. Image 0 has one object (two padded slots), of label 0. Float64 logits; each query
+    sits near its own ground truth, so the Hungarian matching has a clear margin."""
+    cfg = load_config(CUSTOM_YAML, ["model.pretrained=false", f"matcher.name={matcher}", f"loss.cls={cls}"])
+    k = 4
+    criterion = build_criterion(cfg, k)
+    extra = 1 if head_type(cfg) == "softmax" else 0
+    gen = torch.Generator().manual_seed(0)
+    gt = [torch.tensor([[0.3, 0.3, 0.2, 0.2]]),
+          torch.tensor([[0.2, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2], [0.5, 0.8, 0.4, 0.2]])]
+    labels = [torch.tensor([0]), torch.tensor([0, 2, 3])]
+    boxes = torch.rand(2, 6, 4, generator=gen) * 0.3 + 0.2
+    boxes[0, 0] = gt[0][0] + 0.01
+    boxes[1, :3] = gt[1] + 0.01
+    logits = torch.randn(2, 6, k + extra, generator=gen, dtype=torch.float64)
+    perm = torch.tensor([2, 0, 3, 1])  # old label j becomes perm[j]
+    permuted = logits.clone()
+    permuted[..., perm] = logits[..., :k]
+
+    def targets(relabel) -> list[dict]:  # noqa: ANN001
+        pairs = enumerate(zip(gt, labels, strict=True))
+        return [{"boxes": b, "labels": relabel(lab), "image_id": i} for i, (b, lab) in pairs]
+
+    plain = criterion({"pred_logits": logits, "pred_boxes": boxes}, targets(lambda lab: lab))
+    renamed = criterion({"pred_logits": permuted, "pred_boxes": boxes}, targets(lambda lab: perm[lab]))
+    for key in ("loss_cls", "loss_bbox", "loss_giou", "loss"):
+        assert float(renamed[key]) == pytest.approx(float(plain[key]), rel=1e-6, abs=1e-9), key
+    assert float(plain["loss_cls"]) > 0
 
 
 def test_train_and_val_must_list_the_same_categories(tmp_path: Path) -> None:
