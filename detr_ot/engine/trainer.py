@@ -22,6 +22,7 @@ from detr_ot.data.build import build_dataset, build_loader, check_same_categorie
 from detr_ot.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from detr_ot.engine.logger import RunLogger
 from detr_ot.evaluation.coco_evaluator import DEFAULT_BACKEND, CocoEvaluator, check_backend
+from detr_ot.evaluation.ground_truth import EvalGroundTruth, prepare_ground_truth
 from detr_ot.losses.criterion import SetCriterion
 from detr_ot.models.postprocess import PostProcess
 
@@ -151,15 +152,18 @@ def evaluate(
     backend: str = DEFAULT_BACKEND,
     progress: bool = True,
     per_image: bool | None = None,
+    ground_truth: EvalGroundTruth | None = None,
 ) -> tuple[dict[str, float], list[float], CocoEvaluator]:
     """Inference over ``loader`` (a shard of the dataset per process), the test losses, and COCO bbox
     evaluation merged over processes (each image counted once, see ``CocoEvaluator.evaluate_distributed``,
-    whose strategy ``per_image`` selects; None: the backend's default).
+    whose strategy ``per_image`` selects; None: the backend's default). ``ground_truth``: the evaluator's
+    ground truth prepared at start-up (None: prepared now from ``dataset.coco``).
     Returns (mean losses, 12 stats on every rank, evaluator: on rank 0 it holds every image's detections)."""
     model.eval()
     if criterion is not None:
         criterion.eval()
-    evaluator = CocoEvaluator(dataset.coco, dataset.label_to_cat_id, backend=backend)
+    evaluator = CocoEvaluator(dataset.coco if ground_truth is None else ground_truth, dataset.label_to_cat_id,
+                              backend=backend, source=getattr(dataset, "ann_file", None))
     stats = Averager()
     for images, mask, targets in tqdm(loader, desc="eval", disable=not (progress and dist.is_main()), leave=False):
         images, mask, targets = _to_device(images, mask, targets, device)
@@ -252,12 +256,14 @@ def run(cfg: Config, resume: str | None = None, eval_only: bool = False, progres
         check_backend(cfg.train.eval_backend)
     except (ValueError, ImportError) as err:
         raise ConfigError(f"train.eval_backend: {err}") from err
+    # The evaluator's ground truth too: a file the backend rejects fails now, naming the file and the record.
+    eval_gt = prepare_ground_truth(val_set.coco, cfg.train.eval_backend, source=getattr(val_set, "ann_file", None))
     val_sampler = DistributedSampler(val_set, num_replicas=world, rank=rank, shuffle=False)
     val_loader = build_loader(val_set, cfg.data.eval_batch_size, False, cfg.data.num_workers, sampler=val_sampler)
 
     if eval_only:
         test_stats, coco_stats, evaluator = evaluate(model, criterion, postprocess, val_loader, val_set, device,
-                                                     cfg.train.eval_backend, progress=progress)
+                                                     cfg.train.eval_backend, progress=progress, ground_truth=eval_gt)
         if dist.is_main():
             evaluator.dump(out / "detections.json")
         return {"test_coco_eval_bbox": coco_stats, **{f"test_{k}": v for k, v in test_stats.items()}}
@@ -286,7 +292,7 @@ def run(cfg: Config, resume: str | None = None, eval_only: bool = False, progres
         last = epoch == cfg.train.epochs - 1
         if last or (epoch + 1) % max(cfg.train.eval_interval, 1) == 0:
             test_stats, coco_stats, _ = evaluate(model, criterion, postprocess, val_loader, val_set, device,
-                                                 cfg.train.eval_backend, progress=progress)
+                                                 cfg.train.eval_backend, progress=progress, ground_truth=eval_gt)
             record.update({f"test_{k}": v for k, v in test_stats.items()})
             record["test_coco_eval_bbox"] = coco_stats
         epoch_time = time.time() - t0

@@ -10,6 +10,9 @@ Backends (``train.eval_backend``) are adapters in :mod:`detr_ot.evaluation.backe
 reference), ``faster_coco_eval`` (pycocotools' numbers to 1e-12 on our tests, not bit for bit; 6-10x faster on
 a val2017-sized set) and ``hotcoco`` (the default; pycocotools' 12 numbers and precision, recall and score
 arrays bit for bit on our tests, ~140x faster), see tests/test_evaluation.py and tools/bench_eval.py.
+A backend receives a box-only copy of the ground truth, loaded when the evaluator's ground truth is prepared
+(:func:`~detr_ot.evaluation.ground_truth.prepare_ground_truth`; the trainer does it at start-up), so a file a
+backend rejects fails before training, naming the file and the record.
 
 Distributed evaluation (:meth:`CocoEvaluator.evaluate_distributed`) counts every image exactly once: an image
 seen by several ranks (DistributedSampler pads the last shard with repeated images) belongs to the lowest rank
@@ -28,10 +31,9 @@ that saw it. Two strategies, chosen by ``per_image``:
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
-import weakref
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,15 +43,12 @@ import torch
 import torch.distributed as dist
 
 from detr_ot.evaluation.backends import DET_COLS, EVAL_BACKENDS, NUM_STATS, get_backend, result_records
+from detr_ot.evaluation.ground_truth import EvalGroundTruth, prepare_ground_truth
 
 # The reference first (tools/bench_eval.py runs them in this order).
 BACKENDS: tuple[str, ...] = ("pycocotools", *(n for n in EVAL_BACKENDS.names() if n != "pycocotools"))
 DEFAULT_BACKEND = "hotcoco"
 _COLS = DET_COLS - 1  # per-image rows: x, y, w, h, score, category_id
-
-# Ground truth converted to a backend's class, cached per source object (an evaluator is built for every
-# evaluation epoch; converting COCO val2017 again each time would cost seconds).
-_CONVERTED_GT: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def check_backend(backend: str) -> None:
@@ -73,14 +72,20 @@ class CocoEvaluator:
     truths count as misses); an image id updated more than once keeps its first detections only.
     After evaluation ``coco_eval`` is the backend's COCOeval object (``coco_eval.eval["precision"]``: the
     (T, R, K, A, M) precision array, per category, for plots); in distributed runs only on rank 0.
+
+    ``coco_gt``: an :class:`EvalGroundTruth` prepared at start-up, or anything
+    :func:`~detr_ot.evaluation.ground_truth.prepare_ground_truth` takes (a COCO object, a dataset dict, an
+    annotation file path), prepared here (cached per object); ``source`` names the file in its messages.
     """
 
-    def __init__(self, coco_gt: Any, label_to_cat_id: Sequence[int], backend: str = DEFAULT_BACKEND) -> None:
-        self._backend = get_backend(backend)
+    def __init__(self, coco_gt: Any, label_to_cat_id: Sequence[int], backend: str = DEFAULT_BACKEND,
+                 source: str | os.PathLike | None = None) -> None:
+        self.ground_truth: EvalGroundTruth = prepare_ground_truth(coco_gt, backend, source)
+        self._backend = self.ground_truth.backend
         self.backend = backend
         self.coco_gt = coco_gt
         self.label_to_cat_id = np.asarray(list(label_to_cat_id), dtype=np.int64)
-        unknown = sorted(set(self.label_to_cat_id.tolist()) - set(coco_gt.cats))
+        unknown = sorted(set(self.label_to_cat_id.tolist()) - self.ground_truth.cat_ids)
         if unknown:
             raise ValueError(
                 f"CocoEvaluator: label_to_cat_id holds category ids {unknown} absent from coco_gt"
@@ -112,9 +117,10 @@ class CocoEvaluator:
             image_id = int(raw_id)
             if image_id in self._results:
                 continue  # distributed padding / repeated image: count once
-            if image_id not in self.coco_gt.imgs:
+            if image_id not in self.ground_truth.image_ids:
                 raise KeyError(
-                    f"CocoEvaluator.update: image_id {image_id} is not in the ground-truth COCO file"
+                    f"CocoEvaluator.update: image_id {image_id} is not in the ground truth "
+                    f"({self.ground_truth.source})"
                 )
             self._results[image_id] = self._to_rows(image_id, pred)
 
@@ -169,16 +175,8 @@ class CocoEvaluator:
         return np.concatenate([ids[:, None], np.concatenate(rows)], axis=1)
 
     def _gt(self) -> Any:
-        """The ground truth as the backend's own object (built from a private deep copy of the dataset, so the
-        libraries never share the annotation dicts they annotate in place; cached per ``coco_gt``)."""
-        try:
-            cache = _CONVERTED_GT.setdefault(self.coco_gt, {})
-        except TypeError:  # not weak-referenceable: no cache
-            cache = {}
-        if self.backend not in cache:
-            with contextlib.redirect_stdout(io.StringIO()):
-                cache[self.backend] = self._backend.load_gt(copy.deepcopy(self.coco_gt.dataset))
-        return cache[self.backend]
+        """The ground truth as the backend's own object."""
+        return self.ground_truth.native
 
     def _summarize(self, coco_eval: Any, num_detections: int) -> list[float]:
         self.coco_eval = coco_eval
