@@ -9,6 +9,7 @@ from torch import nn
 
 from detr_ot.models.backbone import Backbone
 from detr_ot.models.position_encoding import PositionEmbeddingSine
+from detr_ot.models.query_groups import QueryGroups
 from detr_ot.models.transformer import Transformer, feature_centres, gaussian_attention_bias, sine_box_embedding
 
 QUERY_TYPES = ("learned", "anchor")
@@ -45,6 +46,12 @@ class DETR(nn.Module):
     fewer epochs; the matching and the losses see the same outputs either way. ``anchor_sigma`` > 0 adds
     a Gaussian spatial prior around each anchor to the cross-attention logits (SMCA, Gao et al., ICCV 2021),
     with standard deviations ``anchor_sigma`` times the anchor's width and height.
+
+    ``num_queries_o2m`` > 0 adds a group of that many queries (of the same type) for the one-to-many branch of
+    hybrid matching (Jia et al., "DETRs with Hybrid Matching", CVPR 2023, sec. 3.2): decoded with the
+    one-to-one queries in training only, masked from them in self-attention, returned under
+    ``outputs["one_to_many"]`` (:mod:`detr_ot.models.query_groups`). Its embeddings are created after every
+    other parameter, so with the same seed the one-to-one part of the model is initialised as without it.
     """
 
     def __init__(
@@ -57,6 +64,7 @@ class DETR(nn.Module):
         sigmoid: bool = False,
         query_type: str = "learned",
         anchor_sigma: float = 0.0,
+        num_queries_o2m: int = 0,
     ) -> None:
         super().__init__()
         if query_type not in QUERY_TYPES:
@@ -68,13 +76,11 @@ class DETR(nn.Module):
         self.input_proj = nn.Conv2d(backbone.num_channels, d, kernel_size=1)
         self.query_type = query_type
         self.anchor_sigma = anchor_sigma
+        self.groups = QueryGroups(num_queries, num_queries_o2m)
         if query_type == "learned":
             self.query_embed = nn.Embedding(num_queries, d)
         else:
-            self.anchors = nn.Embedding(num_queries, 4)  # logits of (cx, cy, w, h)
-            with torch.no_grad():  # centres spread over the image, boxes a quarter of its side
-                self.anchors.weight[:, :2].uniform_(0.05, 0.95).logit_()
-                self.anchors.weight[:, 2:].fill_(0.25).logit_()
+            self.anchors = _anchor_embedding(num_queries)
             self.anchor_pos = MLP(2 * d, d, d, 2)
         self.sigmoid = sigmoid
         self.num_classes = num_classes
@@ -86,31 +92,46 @@ class DETR(nn.Module):
         if query_type == "anchor":  # start every prediction at its anchor
             nn.init.zeros_(self.bbox_embed.layers[-1].weight)
             nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        if num_queries_o2m > 0:  # last, so that the rest is initialised as without the group
+            self.query_embed_o2m = (
+                nn.Embedding(num_queries_o2m, d) if query_type == "learned" else _anchor_embedding(num_queries_o2m)
+            )
+
+    def _queries(self, weight: nn.Embedding, extra: str, n: int) -> torch.Tensor:
+        """The first ``n`` query parameters: the one-to-one group, then the one-to-many group if ``n`` asks."""
+        if n == weight.num_embeddings:
+            return weight.weight
+        return torch.cat([weight.weight, getattr(self, extra).weight])
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> dict:
         feats, fmask = self.backbone(images, mask)
         pos = self.position(fmask).to(feats.dtype)
         src = self.input_proj(feats)
+        n = self.groups.active(self.training)
+        attn_mask = self.groups.self_attn_mask(n, src.device)
         if self.query_type == "learned":
-            states = self.transformer(src, fmask, self.query_embed.weight, pos)
+            queries = self._queries(self.query_embed, "query_embed_o2m", n)
+            states = self.transformer(src, fmask, queries, pos, self_attn_mask=attn_mask)
             logits = self.class_embed(states)
             boxes = self.bbox_embed(states).sigmoid()
         else:
-            logits, boxes = self._decode_anchors(src, fmask, pos)
-        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.aux_loss:
-            out["aux_outputs"] = [
-                {"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1], strict=True)
-            ]
-        return out
+            anchors = self._queries(self.anchors, "query_embed_o2m", n)
+            logits, boxes = self._decode_anchors(src, fmask, pos, anchors, attn_mask)
+        return self.groups.split(logits, boxes, self.aux_loss)
 
     def _decode_anchors(
-        self, src: torch.Tensor, fmask: torch.Tensor, pos: torch.Tensor
+        self,
+        src: torch.Tensor,
+        fmask: torch.Tensor,
+        pos: torch.Tensor,
+        anchor_logits: torch.Tensor,
+        self_attn_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoder with anchor queries refined layer by layer: (logits (L,B,Q,·), boxes (L,B,Q,4))."""
+        """Decoder with anchor queries (logits of boxes, (Q,4)) refined layer by layer: (logits (L,B,Q,·),
+        boxes (L,B,Q,4))."""
         tr = self.transformer
         memory, pos, key_mask = tr.encode(src, fmask, pos)
-        anchor = self.anchors.weight.sigmoid()[None].expand(src.shape[0], -1, -1)
+        anchor = anchor_logits.sigmoid()[None].expand(src.shape[0], -1, -1)
         tgt = torch.zeros(*anchor.shape[:2], tr.d_model, dtype=memory.dtype, device=memory.device)
         centres = feature_centres(fmask) if self.anchor_sigma > 0 else None
         logits, boxes = [], []
@@ -120,10 +141,20 @@ class DETR(nn.Module):
             if centres is not None:
                 nhead = layer.cross_attn.num_heads
                 bias = gaussian_attention_bias(anchor, centres, key_mask, self.anchor_sigma, nhead).to(memory.dtype)
-            tgt = layer(tgt, memory, pos, query_pos, key_mask, bias)
+            tgt = layer(tgt, memory, pos, query_pos, key_mask, bias, self_attn_mask)
             state = tr.decoder_norm(tgt)
             box = (self.bbox_embed(state) + anchor.clamp(1e-4, 1 - 1e-4).logit()).sigmoid()
             logits.append(self.class_embed(state))
             boxes.append(box)
             anchor = box.detach()
         return torch.stack(logits), torch.stack(boxes)
+
+
+def _anchor_embedding(num: int) -> nn.Embedding:
+    """``num`` learned anchor boxes, stored as logits of (cx, cy, w, h): centres spread uniformly over the image,
+    boxes a quarter of its side."""
+    anchors = nn.Embedding(num, 4)
+    with torch.no_grad():
+        anchors.weight[:, :2].uniform_(0.05, 0.95).logit_()
+        anchors.weight[:, 2:].fill_(0.25).logit_()
+    return anchors

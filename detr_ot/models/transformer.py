@@ -54,11 +54,14 @@ class DecoderLayer(nn.Module):
         query_pos: torch.Tensor,
         memory_key_padding_mask: torch.Tensor,
         cross_attn_bias: torch.Tensor | None = None,
+        self_attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``cross_attn_bias`` (B * nhead, Q, HW), optional: added to the cross-attention logits; it must then
-        already hold -inf on the padded keys (``memory_key_padding_mask`` is not applied on top)."""
+        already hold -inf on the padded keys (``memory_key_padding_mask`` is not applied on top).
+        ``self_attn_mask`` (Q, Q) bool, optional: True where a query may not attend to another (query groups,
+        :mod:`detr_ot.models.query_groups`)."""
         q = k = tgt + query_pos
-        tgt = self.norm1(tgt + self.drop1(self.self_attn(q, k, tgt)[0]))
+        tgt = self.norm1(tgt + self.drop1(self.self_attn(q, k, tgt, attn_mask=self_attn_mask)[0]))
         if cross_attn_bias is None:
             attn = self.cross_attn(tgt + query_pos, memory + pos, memory, key_padding_mask=memory_key_padding_mask)[0]
         else:
@@ -101,16 +104,22 @@ class Transformer(nn.Module):
         return memory, pos, key_mask
 
     def forward(
-        self, src: torch.Tensor, mask: torch.Tensor, query_embed: torch.Tensor, pos: torch.Tensor
+        self,
+        src: torch.Tensor,
+        mask: torch.Tensor,
+        query_embed: torch.Tensor,
+        pos: torch.Tensor,
+        self_attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """DETR's decoding with learned query embeddings ``query_embed`` (Q,C) as positional queries ->
-        decoder states of every layer (L,B,Q,C), normalised by the shared final LayerNorm."""
+        decoder states of every layer (L,B,Q,C), normalised by the shared final LayerNorm. ``self_attn_mask``:
+        see :meth:`DecoderLayer.forward`."""
         memory, pos, key_mask = self.encode(src, mask, pos)
         query_pos = query_embed[None].expand(src.shape[0], -1, -1)
         tgt = torch.zeros_like(query_pos)
         states = []
         for layer in self.decoder:
-            tgt = layer(tgt, memory, pos, query_pos, key_mask)
+            tgt = layer(tgt, memory, pos, query_pos, key_mask, self_attn_mask=self_attn_mask)
             states.append(self.decoder_norm(tgt))
         return torch.stack(states)
 
