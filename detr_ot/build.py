@@ -10,7 +10,7 @@ from detr_ot.losses import CLASSIFICATION_LOSSES, ClassificationLoss
 from detr_ot.losses.classification import CrossEntropyLoss, FocalLoss
 from detr_ot.losses.criterion import SetCriterion
 from detr_ot.matching import MATCHERS, CostWeights
-from detr_ot.models import DETR, PostProcess, Transformer, build_backbone
+from detr_ot.models import DETR, DeformableDETR, PostProcess, Transformer, build_backbone
 
 
 def head_type(cfg: Config) -> str:
@@ -20,7 +20,7 @@ def head_type(cfg: Config) -> str:
     return CLASSIFICATION_LOSSES.get(cfg.loss.cls).head
 
 
-def build_model(cfg: Config, num_classes: int) -> DETR:
+def _build_detr(cfg: Config, num_classes: int) -> DETR:
     m = cfg.model
     backbone = build_backbone(m.backbone, m.pretrained, m.backbone_weights, tiny_widths=tuple(m.tiny_widths))
     transformer = Transformer(m.hidden_dim, m.nheads, m.enc_layers, m.dec_layers, m.dim_feedforward, m.dropout)
@@ -28,6 +28,29 @@ def build_model(cfg: Config, num_classes: int) -> DETR:
         backbone, transformer, num_classes, m.num_queries, m.aux_loss,
         sigmoid=head_type(cfg) == "sigmoid", query_type=m.query_type, anchor_sigma=m.anchor_sigma,
     )
+
+
+def _build_deformable(cfg: Config, num_classes: int) -> DeformableDETR:
+    m = cfg.model
+    levels = min(m.num_feature_levels, 3)  # C3-C5 at most; the rest are extra stride-2 levels
+    backbone = build_backbone(m.backbone, m.pretrained, m.backbone_weights, tiny_widths=tuple(m.tiny_widths),
+                              levels=levels)
+    return DeformableDETR(
+        backbone, num_classes, m.num_queries, m.hidden_dim, m.nheads, m.enc_layers, m.dec_layers,
+        m.dim_feedforward, m.dropout, m.num_feature_levels, m.enc_points, m.dec_points, m.two_stage,
+        m.box_refine, m.mixed_query_selection, m.look_forward_twice, m.aux_loss,
+        sigmoid=head_type(cfg) == "sigmoid",
+    )
+
+
+MODELS = {"detr": _build_detr, "deformable": _build_deformable}  # model.arch -> builder
+
+
+def build_model(cfg: Config, num_classes: int) -> nn.Module:
+    """The detector ``model.arch`` (every one returns the same outputs dict)."""
+    if cfg.model.arch not in MODELS:
+        raise ValueError(f"model.arch={cfg.model.arch!r}: choose one of {sorted(MODELS)}")
+    return MODELS[cfg.model.arch](cfg, num_classes)
 
 
 def _options(registry, name: str, given: dict):  # noqa: ANN001, ANN202
@@ -72,12 +95,22 @@ def build_postprocess(cfg: Config) -> PostProcess:
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW with a separate backbone learning rate (DETR's recipe)."""
-    backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
+    """AdamW with a separate backbone learning rate (DETR's recipe) and, where the model has them, the
+    deformable attention's sampling offsets and reference-point layers at ``optim.lr_linear_proj_mult``
+    times the base rate (Zhu et al., Deformable DETR, ICLR 2021, sec. 5 "Implementation Details")."""
+
+    def linear_proj(name: str) -> bool:
+        return any(part in ("sampling_offsets", "reference_points") for part in name.split("."))
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    backbone = [p for n, p in named if n.startswith("backbone.")]
+    proj = [p for n, p in named if not n.startswith("backbone.") and linear_proj(n)]
+    rest = [p for n, p in named if not n.startswith("backbone.") and not linear_proj(n)]
     groups = [{"params": rest, "lr": cfg.optim.lr}]
     if backbone:
         groups.append({"params": backbone, "lr": cfg.optim.lr_backbone})
+    if proj:
+        groups.append({"params": proj, "lr": cfg.optim.lr * cfg.optim.lr_linear_proj_mult})
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=True)
 
 

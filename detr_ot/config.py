@@ -97,6 +97,15 @@ class ModelConfig:
     anchor_sigma: float = 0.0  # anchor queries: Gaussian attention prior, std = sigma * anchor w/h (0: none)
     aux_loss: bool = True
     head: str = "auto"  # auto | softmax | sigmoid  (auto: what the classification loss needs)
+    arch: str = "detr"  # detr | deformable (multi-scale Deformable DETR family, detr_ot/models/deformable.py)
+    # arch=deformable only:
+    num_feature_levels: int = 4  # backbone levels (at most its last 3) + extra stride-2 levels
+    enc_points: int = 4  # sampling points per head and level in the encoder's deformable attention
+    dec_points: int = 4  # ... and in the decoder's cross-attention
+    two_stage: bool = True  # reference boxes from the top encoder proposals (enc_outputs supervised too)
+    box_refine: bool = True  # one box head per decoder layer, each refining the previous layer's box
+    mixed_query_selection: bool = False  # two-stage: learned static content queries (DINO)
+    look_forward_twice: bool = False  # layer i's box loss also reaches layer i-1's box head (DINO)
 
 
 @dataclass
@@ -130,6 +139,7 @@ class OptimConfig:
     gamma: float = 0.1
     clip_max_norm: float = 0.1
     warmup_iters: int = 0
+    lr_linear_proj_mult: float = 0.1  # lr factor of deformable attention's sampling offsets / reference points
 
 
 @dataclass

@@ -88,6 +88,8 @@ class SetCriterion(nn.Module):
         padded = PaddedTargets.from_list(targets, device)
         num_boxes = dist.global_num_boxes(padded.num_boxes, device)
         layers = [(outputs, "")] + [(aux, f"_{i}") for i, aux in enumerate(outputs.get("aux_outputs", []))]
+        if "enc_outputs" in outputs:  # two-stage encoder proposals (Deformable DETR): one more layer
+            layers.append((outputs["enc_outputs"], "_enc"))
         result: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=device)
         for layer, suffix in layers:
