@@ -282,3 +282,31 @@ def test_gradient_reaches_model_parameters():
             assert not expect
         else:
             assert (grad > 0) == expect
+
+
+@pytest.mark.parametrize("dtype,dynamic_range", [(torch.float32, 25.0), (torch.float64, 250.0), (torch.float32, 200.0)])
+def test_no_graph_scaling_form_equals_log_domain_iterations(dtype, dynamic_range):
+    """Without a graph the iterations run in scaling form (float64 when float32's range is exceeded): the same
+    iterates as the float64 log domain at fixed iteration counts, at the edge of the range, with supplies and
+    block-structured costs, across an absorption of the potentials (iters > 50)."""
+    g = torch.Generator().manual_seed(12)
+    cost = torch.rand(3, 40, 9, generator=g, dtype=torch.float64) * 2 - 1
+    cost[0] = 1.0
+    cost[0, :10, 1:] = -1.0  # a quarter of the queries cheap for every ground truth, the rest expensive
+    eps = 0.05
+    cost = (cost / cost.abs().amax() * dynamic_range * eps).to(dtype).double()  # exactly representable in dtype
+    k = torch.randint(1, 5, (3, 8), generator=g).double()
+    cols = torch.cat([40 - k.sum(1, keepdim=True), k], 1)
+    rows = torch.ones(3, 40, dtype=torch.float64)
+    for iters in (3, 70):
+        ref = sinkhorn_log(cost.clone().requires_grad_(True), rows, cols, None, eps, iters).detach()
+        with torch.no_grad():
+            plan = sinkhorn_log(cost.to(dtype), rows.to(dtype), cols.to(dtype), None, eps, iters)
+        assert plan.dtype == dtype and torch.isfinite(plan).all()
+        # float64: rounding; float32 iterated in float64 (range > 25): the final cast; float32: ~1e-7 * range
+        tol = 1e-11 if dtype == torch.float64 else (1e-6 if dynamic_range > 25 else 2e-5)
+        assert (plan.double() - ref).abs().max() < tol
+    if dynamic_range <= 25:  # the tolerance stop in scaling form (at larger ranges convergence takes too long)
+        with torch.no_grad():
+            plan = sinkhorn_log(cost.to(dtype), rows.to(dtype), cols.to(dtype), None, eps, 10_000, tol=1e-4)
+        assert (plan.double().sum(1) - cols).abs().max() < 1e-4

@@ -26,7 +26,7 @@ _PROMOTE_RANGE = 2.0**14  # max|C|/eps above which float32 costs are iterated in
 # max|C|/eps up to which the scaling form is safe: entries of exp(-C/eps) in [e^-R, e^R] and scalings within a
 # few such factors stay far inside the dtype's range (float32: e^+-88; float64: e^+-709).
 _KERNEL_RANGE = {torch.float32: 25.0, torch.float64: 250.0}
-_ABSORB_EVERY = 25
+_ABSORB_EVERY = 50
 
 
 def _masked_fill_value(dtype: torch.dtype) -> float:

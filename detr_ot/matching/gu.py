@@ -1,4 +1,5 @@
-r"""Hungarian forward, Generalized-Update backward (000_8c158015f19ac4ee.txt ch. 3, eqs. 3.5-3.6).
+r"""Hungarian forward, Generalized-Update backward (M.S. thesis "Incorporating Piecewise Linear Functions with
+Constant Regions in Backpropagation", METU, 2025, ch. 3, eqs. 3.5-3.6).
 
 Forward: ``S = P(C)``, the exact min-cost one-to-one assignment. Backward: the solver's Jacobian is zero
 almost everywhere, so eq. 3.5 replaces ``dL/dC`` by the Generalized Update
@@ -8,14 +9,17 @@ almost everywhere, so eq. 3.5 replaces ``dL/dC`` by the Generalized Update
 alpha = -1 because the solver is monotone *decreasing* in the cost (eq. 3.6: raising C_ij can only take mass
 off the pair (i, j)). ``P(C)*`` is a target solution built from ``g = dL/dS``:
 
-* ``identity`` (002_9244bb469f11372d.txt eq. 3, sec. 3.2): ``P* = P - g``  =>  ``dL/dC = -g``, optionally
-  through the derivative of an invariant projection (sec. 3.4, eqs. 10-14: per-ground-truth-column mean
-  subtraction since every ground truth is matched exactly once, ``P_mean``; ``P_norm``; ``P_std`` =
-  ``P_norm o P_mean``) and with the noise-induced margin (sec. 3.6: ``C + xi``, ``xi`` uniform on
-  ``{-margin/2, +margin/2}``, in the training forward).
-* ``blackbox`` (Vlastelica et al., ICLR 2020; 002_9244bb469f11372d.txt eq. 4): ``P* = P(C + lambda g)``  =>
+* ``identity`` (Sahoo, Paulus, Vlastelica, Musil, Kuleshov, Martius, "Backpropagation through combinatorial
+  algorithms: Identity with projection works", ICLR 2023, eq. 3, sec. 3.2): ``P* = P - g``  =>
+  ``dL/dC = -g``, optionally through the derivative of an invariant projection (sec. 3.4, eqs. 10-14:
+  per-ground-truth-column mean subtraction since every ground truth is matched exactly once, ``P_mean``;
+  ``P_norm``; ``P_std`` = ``P_norm o P_mean``) and with the noise-induced margin (sec. 3.6: ``C + xi``,
+  ``xi`` uniform on ``{-margin/2, +margin/2}``, in the training forward).
+* ``blackbox`` (Vlastelica, Paulus, Musil, Martius, Rolinek, "Differentiation of Blackbox Combinatorial
+  Solvers", ICLR 2020; Sahoo et al. 2023, eq. 4): ``P* = P(C + lambda g)``  =>
   ``dL/dC = -(P(C) - P(C + lambda g)) / lambda``: eq. 3.5 with the step 1/lambda; one extra batched solve.
-* ``perturbed`` (003_3f16b21670a919cb.txt sec. 3, Prop. 3.1 with Gaussian noise, nabla nu(z) = z): the
+* ``perturbed`` (Berthet, Blondel, Teboul, Cuturi, Vert, Bach, "Learning with Differentiable Perturbed
+  Optimizers", NeurIPS 2020, sec. 3, Prop. 3.1 with Gaussian noise, nabla nu(z) = z): the
   smoothed solver ``P_sigma(C) = E[P(C + sigma Z)]`` has Jacobian ``J = E[P(C + sigma Z) Z^T] / sigma``, so
   ``dL/dC = J^T g = 1/(sigma K) sum_k (<P(C + sigma Z_k), g> - <P(C), g>) Z_k`` (K samples; subtracting
   ``<P(C), g>`` is a control variate, unbiased because E[Z] = 0). Forward ``hard`` (P(C)) or ``mean``
@@ -26,8 +30,8 @@ positive semi-definite "sensitivity" H of the solver: identity takes H = I. Blac
 the solver along g: ``H g = -(P(C + lambda g) - P(C)) / lambda``, which is >= 0 along g because a minimiser
 is monotone decreasing (<P(C + lambda g) - P(C), g> <= 0 by optimality of both solutions). Perturbed takes
 H = -J, and J = d^2 F_sigma / dC^2 of the concave smoothed minimum F_sigma(C) = E[min_S <S, C + sigma Z>] is
-symmetric negative semi-definite (003, Prop. 2.2), so H is PSD. The three differ only in how far and through
-which geometry the target ``P*`` moves from P against the loss gradient.
+symmetric negative semi-definite (Berthet et al. 2020, Prop. 2.2), so H is PSD. The three differ only in how
+far and through which geometry the target ``P*`` moves from P against the loss gradient.
 
 The background column. The assignment is the (M+1)-column problem whose column 0 has capacity Q - M and cost
 C_i0 (a constant, 0). Every query row of S sums to 1, so ``S_i0 = 1 - sum_j S_ij`` and the loss only sees the
@@ -49,8 +53,8 @@ ablation). It acts once cost and loss differ (e.g. ``matcher.cost_class`` != ``l
 Identity with ``projection=mean_norm`` is silent in the same setting (to rounding): g' lies along the
 centred cost, a direction that only rescales the problem, which P_norm' removes. Identity with ``mean`` or
 ``none`` is not: its update ``-g'`` moves every pair's cost by that pair's own loss value, i.e. it ascends
-the spread of the costs and pushes every unmatched query away from every ground truth; on the shapes
-ablation it collapsed training at ``scale`` 0.05 and 0.01 (README, "GU targets").
+the spread of the costs and pushes every unmatched query away from every ground truth, which collapsed
+training on the shapes ablation (README, "GU targets").
 """
 
 from __future__ import annotations
@@ -77,14 +81,14 @@ class GUOptions:
 
     target: ``identity`` | ``blackbox`` | ``perturbed`` (the rule for ``P(C)*``, module docstring).
     scale: weight of the returned ``dL/dC``; by default 1 for blackbox, 0.05 for identity and perturbed
-        (``_DEFAULT_SCALE``: at 1 both collapsed training on the shapes ablation, at 0.05 they trained; README,
-        "GU targets"). per_query: also divide by the number of queries Q.
+        (``_DEFAULT_SCALE``, the settings that trained on the shapes ablation; README, "GU targets").
+        per_query: also divide by the number of queries Q.
     projection: identity only: ``none`` | ``mean`` (per-ground-truth-column mean over queries removed) |
-        ``norm`` | ``mean_norm`` (002, sec. 3.4). Default ``mean_norm``: the only one that trained (``none``
-        and ``mean`` collapsed even at scale 0.01, see the module docstring).
-    margin: noise-induced margin (002, sec. 3.6): in training, the solver sees ``C + xi`` with xi uniform on
-        ``{-margin/2, +margin/2}`` per entry; 0 disables. Applies to every target (the backward is computed at
-        the noisy cost the forward used).
+        ``norm`` | ``mean_norm`` (Sahoo et al. 2023, sec. 3.4). Default ``mean_norm``, the one that trained on
+        the shapes ablation (see the module docstring and the README).
+    margin: noise-induced margin (Sahoo et al. 2023, sec. 3.6): in training, the solver sees ``C + xi`` with
+        xi uniform on ``{-margin/2, +margin/2}`` per entry; 0 disables. Applies to every target (the backward is
+        computed at the noisy cost the forward used).
     lam: blackbox interpolation strength lambda (``lambda`` is a Python keyword).
     sigma, samples, forward: perturbed noise scale, number K of samples, and forward value (``hard``: P(C);
         ``mean``: the average of the K perturbed solutions).
@@ -128,13 +132,13 @@ def reduced_gradient(g: torch.Tensor, gt_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _column_mean_projection(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """P_mean per ground-truth column: subtract the mean over the queries (002 eq. 13; the assignment is
+    """P_mean per ground-truth column: subtract the mean over the queries (Sahoo et al. 2023, eq. 13; the assignment is
     invariant to adding a constant to a column since every ground truth is matched once)."""
     return (x - x.mean(dim=1, keepdim=True)) * mask
 
 
 def _norm_projection_vjp(omega: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``P_norm'(omega) x`` per image over the real entries (002 eq. 14; symmetric, so also the VJP):
+    """``P_norm'(omega) x`` per image over the real entries (Sahoo et al. 2023, eq. 14; symmetric, so also the VJP):
     ``x / |omega| - omega <omega, x> / |omega|^3``."""
     norm = (omega * omega * mask).sum(dim=(1, 2), keepdim=True).sqrt().clamp_min(1e-12)
     inner = (omega * x * mask).sum(dim=(1, 2), keepdim=True)
@@ -144,7 +148,7 @@ def _norm_projection_vjp(omega: torch.Tensor, x: torch.Tensor, mask: torch.Tenso
 def identity_update(
     g_red: torch.Tensor, cost: torch.Tensor, gt_mask: torch.Tensor, projection: str
 ) -> torch.Tensor:
-    """The identity rule ``dL/dC = -P'(C)^T g'`` (002 eqs. 3, 10, 11) on the gt columns."""
+    """The identity rule ``dL/dC = -P'(C)^T g'`` (Sahoo et al. 2023, eqs. 3, 10, 11) on the gt columns."""
     mask = gt_mask[:, None, :].to(g_red.dtype)
     if projection == "none":
         return -g_red * mask
@@ -168,7 +172,7 @@ def blackbox_update(
 def perturbed_update(
     plan: torch.Tensor, samples: torch.Tensor, noise: torch.Tensor, g_red: torch.Tensor, sigma: float
 ) -> torch.Tensor:
-    """``dL/dC = 1/(sigma K) sum_k (<P_k, g> - <P, g>) Z_k`` (003 Prop. 3.1, control variate <P, g>);
+    """``dL/dC = 1/(sigma K) sum_k (<P_k, g> - <P, g>) Z_k`` (Berthet et al. 2020, Prop. 3.1, control variate <P, g>);
     ``samples`` K x B x Q x (M+1) = P(C + sigma Z_k), ``noise`` K x B x Q x M = Z_k."""
     inner = ((samples[..., 1:] - plan[None, ..., 1:]) * g_red[None]).sum(dim=(2, 3))  # K x B
     return (inner[:, :, None, None] * noise).sum(0) / (sigma * noise.shape[0])
@@ -193,7 +197,7 @@ class GUAssign(torch.autograd.Function):
     ) -> torch.Tensor:
         c = cost.detach()
         mask = gt_mask[:, None, :].to(c.dtype)
-        if training and options.margin > 0:  # 002 sec. 3.6: symmetric noise of size margin/2
+        if training and options.margin > 0:  # Sahoo et al. 2023, sec. 3.6: symmetric noise of size margin/2
             signs = torch.randint(0, 2, c.shape, device=c.device).to(c.dtype) * 2 - 1
             c = c + signs * (options.margin / 2) * mask
         plan = solve_hungarian(c, gt_mask)
@@ -237,7 +241,7 @@ def gu_assign(
 @MATCHERS.register("gu", options=GUOptions)
 class GUMatcher(Matcher):
     """Exact Hungarian assignment whose backward sends the Generalized Update into the (undetached) matching
-    cost, so the assignment itself is trained (000_8c158015f19ac4ee.txt eqs. 3.5-3.6)."""
+    cost, so the assignment itself is trained (the METU M.S. thesis cited in the module docstring, eqs. 3.5-3.6)."""
 
     options: GUOptions
 
