@@ -12,7 +12,9 @@ class Assignment:
     """A (possibly soft) assignment of queries to ground truths, padded over the batch.
 
     ``plan``: B x Q x (M+1); column 0 is the background ("no object"), column ``j+1`` the j-th ground truth of
-    the image. Rows sum to 1. Padded ground-truth columns hold zeros.
+    the image. Rows sum to 1. Ground-truth column j sums to its supply k_j (1 for one-to-one matching, k or
+    OTA's dynamic k for one-to-many, see :mod:`detr_ot.matching.supply`; approximately for an unconverged or
+    unbalanced plan) and the background column takes the rest. Padded ground-truth columns hold zeros.
     ``gt_mask``: B x M, True for real ground truths. ``hard``: every row is one-hot.
     The criterion only reads this object; whether ``plan`` carries a gradient is the matcher's business.
     """
