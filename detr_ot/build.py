@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from detr_ot.config import Config
+from detr_ot.config import Config, hybrid_matcher_options
 from detr_ot.losses import CLASSIFICATION_LOSSES, ClassificationLoss
 from detr_ot.losses.classification import CrossEntropyLoss, FocalLoss
 from detr_ot.losses.criterion import SetCriterion
-from detr_ot.matching import MATCHERS, CostWeights
+from detr_ot.losses.hybrid import HybridCriterion
+from detr_ot.matching import MATCHERS, CostWeights, Matcher
 from detr_ot.models import DETR, DeformableDETR, PostProcess, Transformer, build_backbone
 
 
@@ -27,6 +28,7 @@ def _build_detr(cfg: Config, num_classes: int) -> DETR:
     return DETR(
         backbone, transformer, num_classes, m.num_queries, m.aux_loss,
         sigmoid=head_type(cfg) == "sigmoid", query_type=m.query_type, anchor_sigma=m.anchor_sigma,
+        num_queries_o2m=cfg.hybrid.num_queries,
     )
 
 
@@ -44,12 +46,16 @@ def _build_deformable(cfg: Config, num_classes: int) -> DeformableDETR:
 
 
 MODELS = {"detr": _build_detr, "deformable": _build_deformable}  # model.arch -> builder
+HYBRID_ARCHS = ("detr",)  # the architectures with a one-to-many query group (hybrid.num_queries)
 
 
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
     """The detector ``model.arch`` (every one returns the same outputs dict)."""
     if cfg.model.arch not in MODELS:
         raise ValueError(f"model.arch={cfg.model.arch!r}: choose one of {sorted(MODELS)}")
+    if cfg.hybrid.num_queries > 0 and cfg.model.arch not in HYBRID_ARCHS:
+        raise ValueError(f"hybrid.num_queries={cfg.hybrid.num_queries}: model.arch={cfg.model.arch!r} has no "
+                         f"one-to-many query group; hybrid matching is available for {list(HYBRID_ARCHS)}")
     return MODELS[cfg.model.arch](cfg, num_classes)
 
 
@@ -75,19 +81,29 @@ def build_classification_loss(cfg: Config) -> ClassificationLoss:
     return loss_cls(*args) if options is None else loss_cls(*args, options=options)
 
 
-def build_criterion(cfg: Config, num_classes: int) -> SetCriterion:
+def build_criterion(cfg: Config, num_classes: int) -> SetCriterion | HybridCriterion:
+    """The set criterion of ``matcher`` and ``loss``; with ``hybrid.num_queries`` > 0 a
+    :class:`HybridCriterion` adding the one-to-many branch (``hybrid.matcher`` with ``hybrid.k``, the same
+    costs and losses, normalised by ``hybrid.normalizer``, weighted by ``hybrid.loss_weight``)."""
     weights = CostWeights(cfg.matcher.cost_class, cfg.matcher.cost_bbox, cfg.matcher.cost_giou)
-    matcher = MATCHERS.build(cfg.matcher.name, weights, _options(MATCHERS, cfg.matcher.name, cfg.matcher.options))
     loss_cls = CLASSIFICATION_LOSSES.get(cfg.loss.cls)
-    cls_loss = build_classification_loss(cfg)
     class_cost = cfg.matcher.class_cost
     if class_cost == "auto":
         class_cost = loss_cls.class_cost if head_type(cfg) == loss_cls.head else (
             "prob" if head_type(cfg) == "softmax" else "focal"
         )
-    return SetCriterion(
-        matcher, cls_loss, num_classes, class_cost, cfg.loss.cls_weight, cfg.loss.bbox_weight, cfg.loss.giou_weight
-    )
+
+    def criterion(matcher: Matcher, normalizer: str) -> SetCriterion:
+        return SetCriterion(matcher, build_classification_loss(cfg), num_classes, class_cost, cfg.loss.cls_weight,
+                            cfg.loss.bbox_weight, cfg.loss.giou_weight, normalizer)
+
+    matcher = MATCHERS.build(cfg.matcher.name, weights, _options(MATCHERS, cfg.matcher.name, cfg.matcher.options))
+    main = criterion(matcher, cfg.loss.normalizer)
+    h = cfg.hybrid
+    if h.num_queries == 0:
+        return main
+    branch = criterion(MATCHERS.build(h.matcher, weights, hybrid_matcher_options(h)), h.normalizer)
+    return HybridCriterion(main, branch, h.loss_weight)
 
 
 def build_postprocess(cfg: Config) -> PostProcess:

@@ -127,7 +127,24 @@ class LossConfig:
     eos_coef: float = 0.1  # weight of the no-object class in cross-entropy
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    # num_boxes of the focal and box losses: objects (DETR: ground truths, summed over processes) | positives
+    # (the plan's ground-truth mass, i.e. sum_j k_j for a one-to-many plan; equal to objects one-to-one)
+    normalizer: str = "objects"
     options: dict[str, Any] = field(default_factory=dict)  # loss.<name>.<key>, typed by the registry
+
+
+@dataclass
+class HybridConfig:
+    """Hybrid matching (Jia et al., "DETRs with Hybrid Matching", CVPR 2023, sec. 3.2): ``num_queries`` extra
+    queries trained one-to-many beside the one-to-one queries, masked from them in self-attention and unused at
+    inference (detr_ot/models/query_groups.py, detr_ot/losses/hybrid.py)."""
+
+    num_queries: int = 0  # one-to-many queries (0: off); H-DETR uses 1500 beside 300
+    k: int = 6  # each ground truth's supply in the one-to-many branch (supply=fixed; a dynamic supply overrides)
+    loss_weight: float = 1.0  # lambda of the one-to-many losses
+    matcher: str = "one_to_many"  # any matcher with a supply option (one_to_many | sinkhorn)
+    normalizer: str = "positives"  # of the one-to-many losses (see loss.normalizer); H-DETR's is positives
+    options: dict[str, Any] = field(default_factory=dict)  # hybrid.<matcher name>.<key>, typed by the registry
 
 
 @dataclass
@@ -172,13 +189,14 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
 
 
 def _registries() -> dict[type, Any]:
     from detr_ot.losses import CLASSIFICATION_LOSSES
     from detr_ot.matching import MATCHERS
 
-    return {MatcherConfig: MATCHERS, LossConfig: CLASSIFICATION_LOSSES}
+    return {MatcherConfig: MATCHERS, LossConfig: CLASSIFICATION_LOSSES, HybridConfig: MATCHERS}
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -358,10 +376,27 @@ def _fill_selected_options(cfg: Config) -> None:
     from detr_ot.matching import MATCHERS
 
     for section, name, registry in ((cfg.matcher, cfg.matcher.name, MATCHERS),
-                                    (cfg.loss, cfg.loss.cls, CLASSIFICATION_LOSSES)):
+                                    (cfg.loss, cfg.loss.cls, CLASSIFICATION_LOSSES),
+                                    (cfg.hybrid, cfg.hybrid.matcher, MATCHERS)):
+        if section is cfg.hybrid:
+            if cfg.hybrid.num_queries > 0:  # off: its matcher is not built
+                section.options[name] = hybrid_matcher_options(cfg.hybrid)
+            continue
         opt_cls = registry.options(name)
         if opt_cls is not None and name not in section.options:
             section.options[name] = opt_cls()
+
+
+def hybrid_matcher_options(hybrid: HybridConfig) -> Any:
+    """The options of the one-to-many branch's matcher: those given under ``hybrid.<matcher>`` (else its
+    defaults) with the supply fixed at ``hybrid.k``, unless they ask for the dynamic supply."""
+    from detr_ot.matching import MATCHERS
+
+    opt_cls = MATCHERS.options(hybrid.matcher)
+    options = hybrid.options.get(hybrid.matcher) or opt_cls()
+    if options.supply == "dynamic":
+        return options
+    return dataclasses.replace(options, supply="fixed", k=hybrid.k)
 
 
 def validate(cfg: Config) -> None:
@@ -377,6 +412,28 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.head={cfg.model.head!r}; use auto, softmax or sigmoid")
     if cfg.data.dataset not in ("shapes", "coco"):
         raise ConfigError(f"data.dataset={cfg.data.dataset!r}; use shapes or coco")
+    _validate_hybrid(cfg)
+
+
+def _validate_hybrid(cfg: Config) -> None:
+    from detr_ot.matching import MATCHERS
+
+    h = cfg.hybrid
+    for key, value in (("loss.normalizer", cfg.loss.normalizer), ("hybrid.normalizer", h.normalizer)):
+        if value not in ("objects", "positives"):
+            raise ConfigError(f"{key}={value!r}; use objects or positives")
+    if h.num_queries < 0 or h.k < 1 or h.loss_weight < 0:
+        raise ConfigError(f"hybrid: num_queries={h.num_queries} must be >= 0, k={h.k} >= 1, "
+                          f"loss_weight={h.loss_weight} >= 0")
+    if h.matcher not in MATCHERS:
+        raise ConfigError(f"hybrid.matcher={h.matcher!r}; registered matchers: {MATCHERS.names()}")
+    opt_cls = MATCHERS.options(h.matcher)
+    if opt_cls is None or not hasattr(opt_cls(), "supply"):
+        raise ConfigError(f"hybrid.matcher={h.matcher!r} has no one-to-many supply option; use a matcher whose "
+                          "options have supply/k (e.g. one_to_many or sinkhorn)")
+    given = h.options.get(h.matcher)
+    if given is not None and given.supply == "fixed" and given.k != h.k:
+        raise ConfigError(f"hybrid.{h.matcher}.k={given.k} and hybrid.k={h.k} disagree: set k once, as hybrid.k")
 
 
 def dump_config(cfg: Config) -> str:
