@@ -1,5 +1,7 @@
 """CocoEvaluator and PostProcess against hand-worked values, an independent numpy COCO-AP50 reference,
-direct pycocotools calls, and the faster_coco_eval and hotcoco backends."""
+direct pycocotools calls, and the faster_coco_eval and hotcoco backends; unusual ground truth (files of other
+annotation tools) through every backend: pycocotools' numbers or a named failure when the evaluator's ground
+truth is prepared, which the trainer does before the first epoch."""
 
 from __future__ import annotations
 
@@ -9,14 +11,26 @@ import functools
 import io
 import json
 import os
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from conftest import SHAPES_YAML, tiny_overrides
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detr_ot.evaluation import CocoEvaluator
+from detr_ot.config import load_config
+from detr_ot.engine import trainer
+from detr_ot.engine.trainer import run
+from detr_ot.evaluation import CocoEvaluator, EvalGroundTruthError, prepare_ground_truth
+from detr_ot.evaluation.backends import EVAL_BACKENDS
+from detr_ot.evaluation.backends.pycocotools_backend import PycocotoolsBackend
+from detr_ot.evaluation.ground_truth import box_dataset
 from detr_ot.evaluation.synthetic import coco_from_dataset, records, rows_to_predictions, synthetic_coco
 from detr_ot.models.postprocess import PostProcess
 
@@ -462,3 +476,360 @@ def test_postprocess_box_scaling_by_hand() -> None:
     assert half[0]["boxes"].dtype == torch.float32 and half[0]["scores"].tolist() == [pytest.approx(1 / 3)]
     with pytest.raises(ValueError, match="orig_sizes"):
         PostProcess(sigmoid=False)({"pred_logits": torch.zeros(2, 1, 3), "pred_boxes": boxes}, sizes[:1])
+
+
+# --------------------------------------------------------------------------- (f) unusual ground truth
+# Annotation files from other tools: every backend either gives pycocotools' numbers on the same detections
+# or fails when the evaluator's ground truth is prepared (start-up), naming the file and the field.
+BASE_CATS = (1, 2, 3)
+
+
+def unusual_base(seed: int) -> tuple[dict, dict[int, np.ndarray]]:
+    """(COCO dataset: 16 images, 3 categories, boxes of every area range; detections per image as xyxy rows
+    ``[x1, y1, x2, y2, score, category_id]``: jittered copies of the GT, some with another class, plus random
+    boxes). Detections are made from the final category ids by :func:`unusual_case`."""
+    rng = np.random.default_rng(seed)
+    images, anns, dets = [], [], {}
+    for img in range(1, 17):
+        h, w = int(rng.integers(300, 640)), int(rng.integers(300, 640))
+        images.append({"id": img, "width": w, "height": h, "file_name": f"{img:04d}.jpg"})
+        rows = []
+        for _ in range(int(rng.integers(1, 7))):
+            side = float(np.exp(rng.uniform(np.log(8), np.log(min(w, h) * 0.8))))  # small, medium and large
+            bw, bh = side * float(rng.uniform(0.6, 1.4)), side * float(rng.uniform(0.6, 1.4))
+            box = [float(rng.uniform(0, w - min(bw, w - 1))), float(rng.uniform(0, h - min(bh, h - 1))), bw, bh]
+            cat = int(rng.choice(BASE_CATS))
+            anns.append({"id": len(anns) + 1, "image_id": img, "category_id": cat, "bbox": box,
+                         "area": bw * bh, "iscrowd": 0})
+            for _ in range(int(rng.integers(0, 3))):
+                j = rng.normal(0, 0.1, 4) * [bw, bh, bw, bh]
+                x1, y1 = box[0] + j[0], box[1] + j[1]
+                c = cat if rng.random() < 0.8 else int(rng.choice(BASE_CATS))
+                rows.append([x1, y1, x1 + max(bw + j[2], 1.0), y1 + max(bh + j[3], 1.0), rng.random(), c])
+        for _ in range(int(rng.integers(0, 4))):
+            x1, y1 = rng.uniform(0, w / 2), rng.uniform(0, h / 2)
+            rows.append([x1, y1, x1 + rng.uniform(4, w / 2), y1 + rng.uniform(4, h / 2), rng.random(),
+                         int(rng.choice(BASE_CATS))])
+        dets[img] = np.asarray(rows, dtype=np.float64).reshape(-1, 6)
+    dataset = {"info": {"tool": "other"}, "images": images, "annotations": anns,
+               "categories": [{"id": c, "name": f"class{c}", "supercategory": "thing"} for c in BASE_CATS]}
+    return dataset, dets
+
+
+def _rle_of_box(box: list[float], h: int, w: int) -> dict:
+    from pycocotools import mask as mask_utils
+
+    m = np.zeros((h, w), dtype=np.uint8, order="F")
+    x, y, bw, bh = (int(round(v)) for v in box)
+    m[y:y + bh, x:x + bw] = 1
+    rle = mask_utils.encode(m)
+    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+
+
+def unusual_case(name: str, seed: int = 0) -> tuple[dict, dict | None, dict[int, np.ndarray]]:
+    """(the file's dataset, what pycocotools is given as the reference: the same file, or None where
+    pycocotools cannot evaluate the file itself, detections per image). The reference for None is the file
+    with the documented defaults filled in (area w*h, iscrowd 0, ids 1..N), see :func:`documented_defaults`."""
+    dataset, dets = unusual_base(seed)
+    rng = np.random.default_rng(seed + 100)
+    anns, images = dataset["annotations"], dataset["images"]
+    size = {img["id"]: (img["height"], img["width"]) for img in images}
+    parts = set(name.split("+"))
+    everything = name == "everything"  # every case below at once, except the negative id
+    remap: dict[int, int] = {}
+    if "ids_from_7" in parts or everything:
+        remap = {1: 7, 2: 19, 3: 40}
+    if "background_0" in parts or everything:
+        remap = {**{c: c for c in BASE_CATS}, **remap, BASE_CATS[0]: 0}  # class 1 becomes category 0
+    if remap:
+        for a in anns:
+            a["category_id"] = remap.get(a["category_id"], a["category_id"])
+        for rows in dets.values():
+            rows[:, 5] = [remap.get(int(c), int(c)) for c in rows[:, 5]]
+        dataset["categories"] = [{"id": remap.get(c, c), "name": f"class{c}"} for c in BASE_CATS]
+        if 0 in remap.values():
+            next(c for c in dataset["categories"] if c["id"] == 0)["name"] = "background"
+    if "negative_id" in parts:
+        for a in anns:
+            if a["category_id"] == BASE_CATS[0]:
+                a["category_id"] = -1
+        for rows in dets.values():
+            rows[rows[:, 5] == BASE_CATS[0], 5] = -1
+        dataset["categories"][0]["id"] = -1
+    if "empty_category" in parts or everything:
+        dataset["categories"].append({"id": 55, "name": "never annotated"})
+        for rows in dets.values():  # a few detections of it: false positives of a class without GT
+            rows[rng.random(len(rows)) < 0.1, 5] = 55
+    if "empty_images" in parts or everything:
+        for img in (17, 18):
+            images.append({"id": img, "width": 320, "height": 240, "file_name": f"{img:04d}.jpg"})
+            dets[img] = np.asarray([[5.0, 6.0, 100.0, 90.0, 0.7, dataset["categories"][1]["id"]]])
+        images.append({"id": 19, "width": 320, "height": 240, "file_name": "0019.jpg"})
+        dets[19] = np.zeros((0, 6))
+    if "crowd" in parts or everything:
+        for a in anns:
+            if rng.random() < 0.2:
+                h, w = size[a["image_id"]]
+                a["iscrowd"] = 1
+                a["segmentation"] = _rle_of_box(a["bbox"], h, w)
+                a["area"] = 0.7 * a["bbox"][2] * a["bbox"][3]  # a mask smaller than its box
+    if "exterior" in parts or everything:
+        for a in anns:
+            if not a["iscrowd"]:
+                x, y, w, h = a["bbox"]
+                a["segmentation"] = [{"exterior": [[x, y], [x + w, y], [x + w, y + h], [x, y + h]],
+                                      "interiors": []}]
+    if "keypoints" in parts or everything:
+        for a in anns:
+            x, y, w, h = a["bbox"]
+            a["keypoints"] = [x + w / 2, y + h / 2, 2, x, y, 1]
+            a["num_keypoints"] = 2
+    if "ignore" in parts or everything:
+        for a in anns[::4]:
+            a["ignore"] = 1  # pycocotools replaces it by iscrowd before use
+    reference: dict | None = dataset
+    if "no_area" in parts or everything:
+        for a in anns[::2]:
+            del a["area"]
+        reference = None
+    if "no_iscrowd" in parts or everything:
+        for a in anns[1::2]:
+            a.pop("iscrowd")
+        reference = None
+    if "id_0" in parts or everything:
+        for k, a in enumerate(anns):
+            a["id"] = k  # ids from 0; the first annotation also gets an exact, top-scoring detection
+        x, y, w, h = anns[0]["bbox"]
+        dets[anns[0]["image_id"]] = np.concatenate(
+            [dets[anns[0]["image_id"]], [[x, y, x + w, y + h, 1.0, anns[0]["category_id"]]]])
+        reference = None
+    return dataset, reference, dets
+
+
+def documented_defaults(dataset: dict) -> dict:
+    """The file with what the evaluator fills in: ``area`` = w*h, ``iscrowd`` = 0 where missing, annotation
+    ids 1..N in file order (the rest untouched: pycocotools ignores the other fields for boxes)."""
+    out = copy.deepcopy(dataset)
+    for k, a in enumerate(out["annotations"], start=1):
+        a.setdefault("area", a["bbox"][2] * a["bbox"][3])
+        a.setdefault("iscrowd", 0)
+        a["id"] = k
+    return out
+
+
+def pycocotools_reference(dataset: dict, dets: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Plain pycocotools on a copy of ``dataset``: (12 stats, precision array), all of ``dets``' images."""
+    gt = coco_from_dataset(copy.deepcopy(dataset))
+    recs = [{"image_id": img, "category_id": int(r[5]), "bbox": [r[0], r[1], r[2] - r[0], r[3] - r[1]],
+             "score": r[4]} for img in sorted(dets) for r in dets[img].tolist()]
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev = COCOeval(gt, gt.loadRes(recs), iouType="bbox")
+        ev.params.imgIds = sorted(dets)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return np.asarray(ev.stats), ev.eval["precision"]
+
+
+UNUSUAL = ["ids_from_7", "background_0", "empty_category", "empty_images", "no_area", "no_iscrowd", "exterior",
+           "keypoints", "crowd", "ignore", "id_0", "everything", "negative_id"]
+# What a backend rejects at start-up (and must keep rejecting there, not later): hotcoco takes only
+# non-negative category ids.
+REJECTED = {("negative_id", "hotcoco"): "field 'category_id'"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", UNUSUAL)
+def test_unusual_ground_truth_gives_pycocotools_numbers_or_fails_at_start_up(case: str, backend: str,
+                                                                             tmp_path) -> None:
+    dataset, reference, dets = unusual_case(case)
+    path = tmp_path / "instances_val.json"
+    path.write_text(json.dumps(dataset))
+    cat_ids = sorted(c["id"] for c in dataset["categories"])
+    if (case, backend) in REJECTED:
+        with pytest.raises(EvalGroundTruthError) as info:
+            CocoEvaluator(path, cat_ids, backend=backend)
+        message = str(info.value)
+        assert str(path) in message and REJECTED[case, backend] in message, message
+        assert "train.eval_backend=pycocotools" in message
+        return
+    if reference is None:  # pycocotools cannot evaluate the file itself (or miscounts ids of 0)
+        reference = documented_defaults(dataset)
+    stats, precision = pycocotools_reference(reference, dets)
+    assert 0.05 < stats[0] < 0.95 and (stats[:3] > 0).all(), stats  # a non-trivial case
+
+    ev = CocoEvaluator(path, cat_ids, backend=backend)
+    label = {c: i for i, c in enumerate(cat_ids)}
+    ev.update({img: {"boxes": torch.as_tensor(rows[:, :4]), "scores": torch.as_tensor(rows[:, 4]),
+                     "labels": torch.as_tensor([label[int(c)] for c in rows[:, 5]], dtype=torch.int64)}
+               for img, rows in dets.items()})
+    got = run_eval(ev)
+    np.testing.assert_allclose(got, stats, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(ev.coco_eval.eval["precision"], precision, rtol=0, atol=1e-12)
+    if backend in BIT_IDENTICAL:
+        assert got == stats.tolist() and np.array_equal(ev.coco_eval.eval["precision"], precision)
+
+
+def test_the_unusual_files_break_the_backends_when_given_as_they_are() -> None:
+    """Why the evaluator sends a box-only copy: the raw files fail (hotcoco on ``exterior`` polygons,
+    pycocotools without ``area`` or ``iscrowd``) or miscount (pycocotools on an annotation id 0)."""
+    import hotcoco
+
+    raw, _, _ = unusual_case("exterior")
+    with pytest.raises(ValueError, match="segmentation"):
+        hotcoco.COCO(raw)
+    for case in ("no_area", "no_iscrowd"):
+        raw, _, dets = unusual_case(case)
+        with pytest.raises(KeyError):
+            pycocotools_reference(raw, dets)
+    raw, _, dets = unusual_case("id_0")
+    assert pycocotools_reference(raw, dets)[0][0] < pycocotools_reference(documented_defaults(raw), dets)[0][0]
+
+
+def test_box_dataset_sends_only_the_box_fields() -> None:
+    raw, _, _ = unusual_case("everything")
+    before = copy.deepcopy(raw)
+    out = box_dataset(raw, "f.json")
+    assert raw == before  # the input is not modified
+    assert set(out) == {"images", "categories", "annotations"}
+    assert [set(i) for i in out["images"]] == [{"id", "width", "height", "file_name"}] * len(raw["images"])
+    assert [c["id"] for c in out["categories"]] == [0, 19, 40, 55] == [c["id"] for c in raw["categories"]]
+    assert out["categories"][0] == {"id": 0, "name": "background"}
+    assert len(out["annotations"]) == len(raw["annotations"])
+    for k, (a, r) in enumerate(zip(out["annotations"], raw["annotations"], strict=True), start=1):
+        assert set(a) == {"id", "image_id", "category_id", "bbox", "area", "iscrowd"}
+        assert a["id"] == k and (a["image_id"], a["category_id"], a["bbox"]) == (r["image_id"], r["category_id"],
+                                                                                 r["bbox"])
+        assert a["area"] == r.get("area", r["bbox"][2] * r["bbox"][3]) and a["iscrowd"] == r.get("iscrowd", 0)
+    assert any("area" not in r for r in raw["annotations"]) and any("iscrowd" not in r for r in raw["annotations"])
+    # A category without a name gets its id; non-string names and supercategories become strings.
+    named = box_dataset({"images": [], "categories": [{"id": 4}, {"id": 5, "name": 5, "supercategory": 2}]})
+    assert named["categories"] == [{"id": 4, "name": "4"}, {"id": 5, "name": "5", "supercategory": "2"}]
+
+
+def _file(**changes) -> dict:
+    dataset = {"images": [{"id": 1, "width": 10, "height": 10, "file_name": "a.jpg"}],
+               "categories": [{"id": 1, "name": "a"}],
+               "annotations": [{"id": 9, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4]}]}
+    for key, value in changes.items():
+        record, field = key.split("__")
+        target = dataset[record][0] if record != "top" else dataset
+        if value is None:
+            target.pop(field)
+        else:
+            target[field] = value
+    return dataset
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"annotations__bbox": [1, 2, 3]}, r"annotations\[0\] \(annotation id 9, image id 1\): field 'bbox'"),
+    ({"annotations__bbox": [1, 2, float("nan"), 3]}, r"annotations\[0\].*field 'bbox'"),
+    ({"annotations__bbox": None}, r"annotations\[0\].*field 'bbox'"),
+    ({"annotations__area": "big"}, r"annotations\[0\].*field 'area'"),
+    ({"annotations__iscrowd": 2}, r"annotations\[0\].*field 'iscrowd'"),
+    ({"annotations__image_id": 5}, r"annotations\[0\].*field 'image_id' 5"),
+    ({"annotations__category_id": None}, r"annotations\[0\].*field 'category_id' None"),
+    ({"images__id": "1"}, r"images\[0\]: field 'id' must be an integer, got '1'"),
+    ({"categories__id": 1.0}, r"categories\[0\]: field 'id' must be an integer"),
+    ({"top__categories": None}, r"field 'categories': expected a list"),
+])
+def test_malformed_ground_truth_is_named(changes: dict, expected: str) -> None:
+    with pytest.raises(EvalGroundTruthError, match=r"^f\.json: " + expected):
+        box_dataset(_file(**changes), "f.json")
+    duplicated = _file()
+    duplicated["images"].append(dict(duplicated["images"][0]))
+    with pytest.raises(EvalGroundTruthError, match=r"f\.json: images\[1\]: duplicate image id 1"):
+        box_dataset(duplicated, "f.json")
+
+
+def test_rejection_names_the_record_of_the_file(tmp_path) -> None:
+    """The backend's own message, plus what its record index is in the file (lists keep the file's order)."""
+    dataset = _file()
+    dataset["categories"].insert(0, {"id": -3, "name": "odd"})
+    with pytest.raises(EvalGroundTruthError, match=r"'hotcoco' rejects the ground truth \(loading\).*"
+                       r"categories\[0\] of the file is category id -3 \('odd'\).*train.eval_backend=pycocotools"):
+        prepare_ground_truth(dataset, "hotcoco", source="odd.json")
+    prepare_ground_truth(dataset, "pycocotools", source="odd.json")  # pycocotools takes it
+
+
+class _FailsWhenEvaluating(PycocotoolsBackend):
+    """A backend that loads the ground truth but rejects it when evaluating."""
+
+    name = "fails_when_evaluating"
+
+    def evaluate(self, gt: Any, detections: np.ndarray, img_ids: Sequence[int]) -> Any:
+        raise RuntimeError("annotations[0]: field 'area': not accepted")
+
+
+def test_a_backend_failing_only_in_evaluation_fails_at_preparation(monkeypatch) -> None:
+    monkeypatch.setitem(EVAL_BACKENDS._entries, _FailsWhenEvaluating.name, _FailsWhenEvaluating)
+    with pytest.raises(EvalGroundTruthError, match=r"^g\.json: .*'fails_when_evaluating' rejects the ground truth "
+                       r"\(a trial evaluation of images \[1\]\).*annotations\[0\] of the file is annotation id 9"):
+        CocoEvaluator(_file(), [1], backend=_FailsWhenEvaluating.name, source="g.json")
+
+
+def test_prepared_ground_truth_is_reused_and_checked() -> None:
+    coco = hand_coco()
+    gt = prepare_ground_truth(coco, "hotcoco", source="hand.json")
+    assert prepare_ground_truth(coco, "hotcoco") is gt  # cached per COCO object: built once per run
+    ev = CocoEvaluator(gt, [3, 7], backend="hotcoco")
+    assert ev.ground_truth is gt
+    with pytest.raises(KeyError, match=r"image_id 5 is not in the ground truth \(hand\.json\)"):
+        ev.update({5: pred([], [], [])})
+    # Given to another backend, the prepared ground truth is prepared again for it.
+    assert CocoEvaluator(gt, [3, 7], backend="pycocotools").ground_truth.backend_name == "pycocotools"
+
+
+# --------------------------------------------------------------------------- (g) the trainer's start-up
+def _shapes_copy(shapes_root: Path, tmp_path: Path, change: Callable[[dict], None]) -> Path:
+    """A copy of the session's tiny shapes dataset whose two annotation files went through ``change``."""
+    root = tmp_path / "shapes"
+    shutil.copytree(shapes_root, root)
+    for split in ("train", "val"):
+        path = root / "annotations" / f"instances_{split}.json"
+        dataset = json.loads(path.read_text())
+        change(dataset)
+        path.write_text(json.dumps(dataset))
+    return root
+
+
+def _other_tool(dataset: dict) -> None:
+    """What the reporting user's annotation tool writes: ``exterior`` polygons and keypoints."""
+    for a in dataset["annotations"]:
+        x, y, w, h = a["bbox"]
+        a["segmentation"] = [{"exterior": [[x, y], [x + w, y], [x + w, y + h], [x, y + h]]}]
+        a["keypoints"] = [x + w / 2, y + h / 2, 2]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_trainer_evaluates_another_tools_file_as_pycocotools_does(shapes_root: Path, tmp_path: Path) -> None:
+    root = _shapes_copy(shapes_root, tmp_path, _other_tool)
+    stats = {}
+    for backend in ("hotcoco", "pycocotools"):
+        cfg = load_config(SHAPES_YAML, tiny_overrides(root, tmp_path / backend, f"train.eval_backend={backend}",
+                                                      "train.max_iters_per_epoch=2", epochs=1))
+        with contextlib.redirect_stdout(io.StringIO()):
+            stats[backend] = run(cfg, progress=False)["test_coco_eval_bbox"]
+    assert len(stats["hotcoco"]) == 12
+    np.testing.assert_allclose(stats["hotcoco"], stats["pycocotools"], rtol=0, atol=1e-12)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_trainer_fails_before_training_on_a_file_the_backend_rejects(shapes_root: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    def negative_ids(dataset: dict) -> None:
+        dataset["categories"][0]["id"] = -1
+        for a in dataset["annotations"]:
+            a["category_id"] = -1 if a["category_id"] == 1 else a["category_id"]
+
+    root = _shapes_copy(shapes_root, tmp_path, negative_ids)
+
+    def no_training(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("training started before the evaluator's ground truth was checked")
+
+    monkeypatch.setattr(trainer, "train_one_epoch", no_training)
+    cfg = load_config(SHAPES_YAML, tiny_overrides(root, tmp_path / "run", "train.eval_backend=hotcoco", epochs=1))
+    val_file = re.escape(str(root / "annotations" / "instances_val.json"))
+    with pytest.raises(EvalGroundTruthError, match=rf"^{val_file}: .*'hotcoco'.*field 'category_id'.*"
+                                                   r"train\.eval_backend=pycocotools"):
+        run(cfg, progress=False)
