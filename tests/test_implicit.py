@@ -96,3 +96,24 @@ def test_implicit_float32_is_close_to_float64() -> None:
         out[dtype] = c.grad.double()
     scale = out[torch.float64].abs().max()
     assert (out[torch.float32] - out[torch.float64]).abs().max() < 1e-3 * scale
+
+
+def test_implicit_graph_memory_does_not_grow_with_iterations() -> None:
+    """Bytes autograd saves for the backward: constant in the iteration count for the implicit gradient (the
+    plan), growing with it for the unrolled one."""
+    cost, rows, cols, mask = problem(6, [4, 2], 12, True, dtype=torch.float32)
+
+    def saved_bytes(fn, iters: int) -> int:  # noqa: ANN001
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(cost.clone().requires_grad_(True), rows, cols, mask, 0.1, iters)
+        return total
+
+    assert saved_bytes(sinkhorn_implicit, 10) == saved_bytes(sinkhorn_implicit, 200) == cost.numel() * 4
+    assert saved_bytes(sinkhorn_log, 200) > 10 * saved_bytes(sinkhorn_log, 10)

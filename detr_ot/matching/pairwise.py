@@ -103,7 +103,7 @@ def compute_pairwise_terms(
 ) -> PairwiseTerms:
     """L1, GIoU and the class cost between every query and every ground truth of its image."""
     gt_boxes = targets.boxes.to(pred_boxes.dtype)
-    l1 = (pred_boxes[:, :, None, :] - gt_boxes[:, None, :, :]).abs().sum(-1)
+    l1 = torch.cdist(pred_boxes, gt_boxes, p=1)  # sum of |differences|, without a B x Q x M x 4 intermediate
     iou, giou = pairwise_iou_giou(cxcywh_to_xyxy(pred_boxes), cxcywh_to_xyxy(gt_boxes))
     cls = class_cost_term(pred_logits, targets.labels, class_cost)
     keep = targets.mask[:, None, :]
