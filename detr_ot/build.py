@@ -41,21 +41,17 @@ def _build_deformable(cfg: Config, num_classes: int) -> DeformableDETR:
         backbone, num_classes, m.num_queries, m.hidden_dim, m.nheads, m.enc_layers, m.dec_layers,
         m.dim_feedforward, m.dropout, m.num_feature_levels, m.enc_points, m.dec_points, m.two_stage,
         m.box_refine, m.mixed_query_selection, m.look_forward_twice, m.aux_loss,
-        sigmoid=head_type(cfg) == "sigmoid",
+        sigmoid=head_type(cfg) == "sigmoid", num_queries_o2m=cfg.hybrid.num_queries,
     )
 
 
 MODELS = {"detr": _build_detr, "deformable": _build_deformable}  # model.arch -> builder
-HYBRID_ARCHS = ("detr",)  # the architectures with a one-to-many query group (hybrid.num_queries)
 
 
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
     """The detector ``model.arch`` (every one returns the same outputs dict)."""
     if cfg.model.arch not in MODELS:
         raise ValueError(f"model.arch={cfg.model.arch!r}: choose one of {sorted(MODELS)}")
-    if cfg.hybrid.num_queries > 0 and cfg.model.arch not in HYBRID_ARCHS:
-        raise ValueError(f"hybrid.num_queries={cfg.hybrid.num_queries}: model.arch={cfg.model.arch!r} has no "
-                         f"one-to-many query group; hybrid matching is available for {list(HYBRID_ARCHS)}")
     return MODELS[cfg.model.arch](cfg, num_classes)
 
 

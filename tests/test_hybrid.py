@@ -29,6 +29,19 @@ SMALL = ["model.hidden_dim=32", "model.nheads=4", "model.dim_feedforward=64", "m
          "model.dec_layers=2", "model.num_queries=6", "model.dropout=0.0", "model.tiny_widths=[8,16,32,64]"]
 
 
+DEFORMABLE = ["model.arch=deformable", "model.num_feature_levels=3", "model.enc_points=2", "model.dec_points=2",
+              "model.tiny_widths=[8,16,16,32]"]
+# The models with query groups: DETR (learned and anchor queries), Deformable DETR (two-stage: the group takes
+# the next proposals; single-stage: its own anchors; mixed query selection: its own static content queries).
+MODELS = {
+    "detr-learned": ["model.query_type=learned"],
+    "detr-anchor": ["model.query_type=anchor"],
+    "deformable-two_stage": DEFORMABLE,
+    "deformable-single_stage": [*DEFORMABLE, "model.two_stage=false"],
+    "deformable-mixed": [*DEFORMABLE, "model.mixed_query_selection=true", "model.look_forward_twice=true"],
+}
+
+
 def config(*overrides: str):  # noqa: ANN201
     return load_config(SHAPES_YAML, [*SMALL, *overrides])
 
@@ -66,37 +79,46 @@ def test_self_attention_mask_is_block_diagonal() -> None:
         QueryGroups(2, -1)
 
 
-def model_pair(query_type: str) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(hybrid model with 9 one-to-many queries, plain model), same seed, float64."""
+def model_pair(model: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(hybrid model with 9 one-to-many queries, plain model), same seed, float64, the parameters they share
+    equal and perturbed alike (so that zero-initialised box heads hide nothing)."""
     torch.manual_seed(0)
-    hybrid = build_model(config(f"model.query_type={query_type}", "hybrid.num_queries=9"), 3)
+    hybrid = build_model(config(*MODELS[model], "hybrid.num_queries=9"), 3).double()
     torch.manual_seed(0)
-    plain = build_model(config(f"model.query_type={query_type}"), 3)
-    return hybrid.double(), plain.double()
+    plain = build_model(config(*MODELS[model]), 3).double()
+    extra = set(hybrid.state_dict()) - set(plain.state_dict())
+    assert all("_o2m" in key for key in extra), extra  # none in two-stage: its references are proposals
+    shared = dict(hybrid.named_parameters())
+    gen = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for key, value in plain.state_dict().items():  # created last: the rest is initialised as without them
+            assert torch.equal(hybrid.state_dict()[key], value), key
+        for name, param in plain.named_parameters():
+            noise = torch.randn(param.shape, generator=gen, dtype=param.dtype) * 0.1
+            param.add_(noise)
+            shared[name].add_(noise)
+    return hybrid, plain
 
 
 def flat(outputs: dict) -> list[torch.Tensor]:
-    layers = [outputs] + outputs.get("aux_outputs", [])
+    layers = [outputs, *outputs.get("aux_outputs", [])] + ([outputs["enc_outputs"]] if "enc_outputs" in outputs else [])
     return [t for layer in layers for t in (layer["pred_logits"], layer["pred_boxes"])]
 
 
-@pytest.mark.parametrize("query_type", ["learned", "anchor"])
-def test_one_to_one_queries_ignore_the_extra_group(query_type: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Train mode, float64. The extra group's embeddings are created last, so the same seed initialises the
-    rest as in the plain model; with the block-diagonal mask the one-to-one outputs of every layer are the
-    plain model's. Not bit for bit: the masked keys add exact zeros to the softmax sums, but attention and
-    linear kernels over 15 instead of 6 queries may sum in another order (float64 rounding, ~1e-16)."""
-    hybrid, plain = model_pair(query_type)
-    hybrid_state = hybrid.state_dict()
-    assert set(hybrid_state) - set(plain.state_dict()) == {"query_embed_o2m.weight"}
-    for key, value in plain.state_dict().items():
-        assert torch.equal(hybrid_state[key], value), key
+@pytest.mark.parametrize("model", list(MODELS))
+def test_one_to_one_queries_ignore_the_extra_group(model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train mode, float64. With the block-diagonal mask the one-to-one outputs of every layer (and the
+    two-stage encoder outputs) are the plain model's. Not bit for bit: the masked keys add exact zeros to the
+    softmax sums, but attention and linear kernels over 15 instead of 6 queries may sum in another order
+    (float64 rounding, ~1e-16)."""
+    hybrid, plain = model_pair(model)
     x, mask = images(dtype=torch.float64)
     hybrid.train(), plain.train()
     with torch.no_grad():
         got, expected = hybrid(x, mask), plain(x, mask)
         extra = got["one_to_many"]
         assert extra["pred_logits"].shape == (2, 9, 3) and len(extra["aux_outputs"]) == 1
+        assert "enc_outputs" not in extra
         for a, b in zip(flat(got), flat(expected), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
         # The check can fail: without the mask the groups attend to each other and the outputs move.
@@ -106,14 +128,14 @@ def test_one_to_one_queries_ignore_the_extra_group(query_type: str, monkeypatch:
     assert worst > 1e-3, worst
 
 
-@pytest.mark.parametrize("query_type", ["learned", "anchor"])
-def test_inference_uses_the_one_to_one_queries_only(query_type: str) -> None:
-    hybrid, plain = model_pair(query_type)
+@pytest.mark.parametrize("model", list(MODELS))
+def test_inference_uses_the_one_to_one_queries_only(model: str) -> None:
+    hybrid, plain = model_pair(model)
     x, mask = images(dtype=torch.float64)
     hybrid.eval(), plain.eval()
     with torch.no_grad():
         got, expected = hybrid(x, mask), plain(x, mask)
-    assert set(got) == set(expected) == {"pred_logits", "pred_boxes", "aux_outputs"}
+    assert set(got) == set(expected) and "one_to_many" not in got
     assert got["pred_logits"].shape == (2, 6, 3)
     for a, b in zip(flat(got), flat(expected), strict=True):
         assert torch.equal(a, b)  # the same computation on the same parameters
@@ -305,7 +327,10 @@ def test_hybrid_criterion_keys_and_total() -> None:
     ["matcher.name=sinkhorn"],
     ["matcher.name=sinkhorn", "hybrid.matcher=sinkhorn", "loss.cls=ce"],
     ["matcher.name=hungarian", "model.query_type=learned", "loss.cls=rs"],
-], ids=["hungarian", "sinkhorn", "sinkhorn-o2m-sinkhorn-ce", "learned-rs"])
+    [*DEFORMABLE, "matcher.name=hungarian"],
+    [*DEFORMABLE, "matcher.name=sinkhorn", "model.two_stage=false"],
+], ids=["hungarian", "sinkhorn", "sinkhorn-o2m-sinkhorn-ce", "learned-rs", "deformable-hungarian",
+        "deformable-single_stage-sinkhorn"])
 def test_one_training_step_with_hybrid_matching(overrides: list[str]) -> None:
     cfg = config("hybrid.num_queries=12", "hybrid.k=2", *overrides)
     torch.manual_seed(0)
@@ -315,13 +340,20 @@ def test_one_training_step_with_hybrid_matching(overrides: list[str]) -> None:
     result = crit(model(*images()), TARGETS)
     assert all(torch.isfinite(v).all() for v in result.values())
     assert "loss_cls_o2m" in result and "loss_giou_0_o2m" in result
+    if "loss_cls_enc" in result:
+        assert "loss_cls_enc_o2m" not in result  # the encoder proposals are supervised once, one-to-one
+    params = [p for p in model.parameters() if p.requires_grad]
+    branch = torch.autograd.grad(result["loss_o2m"], params, retain_graph=True, allow_unused=True)
+    assert sum(float(g.abs().sum()) for g in branch if g is not None) > 0  # the branch reaches the model
     optimizer.zero_grad()
     result["loss"].backward()
-    extra = model.query_embed_o2m.weight
-    assert extra.grad is not None and float(extra.grad.abs().sum()) > 0  # the branch trains its queries
-    before = extra.detach().clone()
+    # Its own queries train (two-stage without static content queries has none: its references are proposals).
+    extra = [p for n, p in model.named_parameters() if "_o2m" in n]
+    for param in extra:
+        assert param.grad is not None and float(param.grad.abs().sum()) > 0
+    before = [p.detach().clone() for p in extra]
     optimizer.step()
-    assert not torch.equal(before, extra.detach())
+    assert all(not torch.equal(b, p.detach()) for b, p in zip(before, extra, strict=True))
 
 
 def test_hybrid_config() -> None:
@@ -337,5 +369,3 @@ def test_hybrid_config() -> None:
                          ("hybrid.k=0", "k=0")]:
         with pytest.raises(ConfigError, match=message):
             config("hybrid.num_queries=12", bad)
-    with pytest.raises(ValueError, match="no one-to-many query group"):
-        build_model(config("hybrid.num_queries=12", "model.arch=deformable"), 3)

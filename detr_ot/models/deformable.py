@@ -25,8 +25,9 @@ from torch import nn
 
 from detr_ot.models.backbone import Backbone, valid_sizes
 from detr_ot.models.deform_attn import MSDeformAttn
-from detr_ot.models.detr import MLP
+from detr_ot.models.detr import MLP, anchor_embedding
 from detr_ot.models.position_encoding import PositionEmbeddingSine
+from detr_ot.models.query_groups import QueryGroups
 from detr_ot.models.transformer import feature_centres, sine_box_embedding
 
 _EPS = 1e-5  # clamp of inverse_sigmoid, as DINO's box refinement
@@ -137,9 +138,10 @@ class DeformableDecoderLayer(nn.Module):
         shapes: list[list[int]],
         level_start: list[int],
         padding_mask: torch.Tensor,
+        self_attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         q = k = tgt + query_pos
-        tgt = self.norm1(tgt + self.drop1(self.self_attn(q, k, tgt)[0]))
+        tgt = self.norm1(tgt + self.drop1(self.self_attn(q, k, tgt, attn_mask=self_attn_mask)[0]))
         attn = self.cross_attn(tgt + query_pos, reference_boxes, memory, shapes, level_start, padding_mask)
         tgt = self.norm2(tgt + self.drop2(attn))
         return self.norm3(tgt + self.drop3(self.ffn(tgt)))
@@ -170,6 +172,10 @@ class DeformableDETR(nn.Module):
       undetached box, so that loss also updates layer ``i-1``'s box head; the next reference stays detached.
     * The positional query of every decoder layer is an MLP of the sine embedding of its reference box
       (DAB-DETR, eq. 5).
+    * ``num_queries_o2m`` > 0: a one-to-many query group for hybrid matching (Jia et al., CVPR 2023, sec. 3.2;
+      :mod:`detr_ot.models.query_groups`), decoded in training only and masked from the one-to-one queries.
+      Two-stage: its references are the next ``num_queries_o2m`` proposals after the top ``Q`` (as H-DETR),
+      ``enc_outputs`` stays the top ``Q``; otherwise it has its own learned anchors and content queries.
     """
 
     def __init__(
@@ -192,6 +198,7 @@ class DeformableDETR(nn.Module):
         look_forward_twice: bool = False,
         aux_loss: bool = True,
         sigmoid: bool = True,
+        num_queries_o2m: int = 0,
     ) -> None:
         super().__init__()
         channels = list(backbone.num_channels_list)
@@ -251,6 +258,12 @@ class DeformableDETR(nn.Module):
         if not two_stage or mixed_query_selection:
             self.content = nn.Embedding(num_queries, d)
         self._reset_parameters()
+        self.groups = QueryGroups(num_queries, num_queries_o2m)
+        if num_queries_o2m > 0:  # last, so that the rest is initialised as without the group
+            if not two_stage:
+                self.anchors_o2m = anchor_embedding(num_queries_o2m)
+            if not two_stage or mixed_query_selection:
+                self.content_o2m = nn.Embedding(num_queries_o2m, d)
 
     def _reset_parameters(self) -> None:
         """Xavier for the transformer's matrices, the deformable attention's own initialisation, level
@@ -334,25 +347,29 @@ class DeformableDETR(nn.Module):
             memory = layer(memory, pos, enc_ref, shapes, starts, pad)
 
         out: dict = {}
+        n = self.groups.active(self.training)  # queries to decode: + the one-to-many group in training
         if self.two_stage:
-            reference, tgt, out["enc_outputs"] = self._select(memory, masks, dtype)
+            reference, tgt, out["enc_outputs"] = self._select(memory, masks, dtype, n)
         else:
             b = memory.shape[0]
-            reference = self.anchors.weight.sigmoid()[None].expand(b, -1, -1)
-            tgt = self.content.weight[None].expand(b, -1, -1)
-        logits, boxes = self._decode(tgt, reference, memory, shapes, starts, pad, ratios)
-        out["pred_logits"], out["pred_boxes"] = logits[-1], boxes[-1]
-        if self.aux_loss:
-            out["aux_outputs"] = [
-                {"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1], strict=True)
-            ]
+            reference = self._group_weight("anchors", n).sigmoid()[None].expand(b, -1, -1)
+            tgt = self._group_weight("content", n)[None].expand(b, -1, -1)
+        attn_mask = self.groups.self_attn_mask(n, memory.device)
+        logits, boxes = self._decode(tgt, reference, memory, shapes, starts, pad, ratios, attn_mask)
+        out.update(self.groups.split(torch.stack(logits), torch.stack(boxes), self.aux_loss))
         return out
 
+    def _group_weight(self, name: str, n: int) -> torch.Tensor:
+        """Embedding ``name`` of the first ``n`` queries: the one-to-one group, then ``name_o2m`` if asked."""
+        weight = getattr(self, name).weight
+        return weight if n == self.num_queries else torch.cat([weight, getattr(self, name + "_o2m").weight])
+
     def _select(
-        self, memory: torch.Tensor, masks: list[torch.Tensor], dtype: torch.dtype
+        self, memory: torch.Tensor, masks: list[torch.Tensor], dtype: torch.dtype, n: int
     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Two-stage query selection (Zhu et al., 2021, App. A.4; Zhang et al., DINO, 2023, sec. 3.3) ->
-        (detached reference boxes (B,Q,4), content queries (B,Q,d), enc_outputs of the selected cells)."""
+        (detached reference boxes (B,n,4), content queries (B,n,d), enc_outputs of the top Q selected cells).
+        ``n``: the number of queries decoded (Q, or Q + the one-to-many group's, which takes the next cells)."""
         props, valid = self.proposals(masks, dtype)
         feats = self.enc_output_norm(self.enc_output(memory.masked_fill(~valid[..., None], 0.0)))
         enc_logits = self.enc_class_embed(feats)  # (B, S, K or K+1)
@@ -362,19 +379,21 @@ class DeformableDETR(nn.Module):
         else:
             score = enc_logits.softmax(-1)[..., :-1].amax(-1)
         score = score.masked_fill(~valid, float("-inf"))
-        k = min(self.num_queries, score.shape[1])
-        if k < self.num_queries:
+        k = min(n, score.shape[1])
+        if k < n:
+            extra = f" + hybrid.num_queries={n - self.num_queries}" if n > self.num_queries else ""
             raise ValueError(
                 f"two-stage selection: the feature maps have {score.shape[1]} cells, fewer than "
-                f"model.num_queries={self.num_queries}; use larger images or fewer queries"
+                f"model.num_queries={self.num_queries}{extra}; use larger images or fewer queries"
             )
-        index = score.topk(k, dim=1).indices  # (B, Q); cells past the valid ones only if too few are valid
+        index = score.topk(k, dim=1).indices  # (B, n); cells past the valid ones only if too few are valid
         sel_logits = enc_logits.gather(1, index[..., None].expand(-1, -1, enc_logits.shape[-1]))
         sel_boxes = enc_boxes.gather(1, index[..., None].expand(-1, -1, 4))
-        enc_outputs = {"pred_logits": sel_logits, "pred_boxes": sel_boxes.sigmoid()}
+        q = self.num_queries
+        enc_outputs = {"pred_logits": sel_logits[:, :q], "pred_boxes": sel_boxes[:, :q].sigmoid()}
         reference = sel_boxes.detach().sigmoid()
         if self.mixed_query_selection:
-            tgt = self.content.weight[None].expand(memory.shape[0], -1, -1)
+            tgt = self._group_weight("content", n)[None].expand(memory.shape[0], -1, -1)
         else:
             embed = sine_box_embedding(reference, self.d_model // 2).to(dtype)
             tgt = self.pos_trans_norm(self.pos_trans(embed))
@@ -389,6 +408,7 @@ class DeformableDETR(nn.Module):
         starts: list[int],
         pad: torch.Tensor,
         ratios: torch.Tensor,
+        self_attn_mask: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Decoder with reference boxes refined layer by layer -> per-layer logits and boxes."""
         ratios4 = torch.cat((ratios, ratios), -1)[:, None]  # (B, 1, L, 4): (cx, cy, w, h) scale alike
@@ -397,7 +417,7 @@ class DeformableDETR(nn.Module):
         logits, boxes = [], []
         for i, layer in enumerate(self.decoder):
             query_pos = self.query_pos_head(sine_box_embedding(ref, self.d_model // 2).to(memory.dtype))
-            tgt = layer(tgt, query_pos, ref[:, :, None] * ratios4, memory, shapes, starts, pad)
+            tgt = layer(tgt, query_pos, ref[:, :, None] * ratios4, memory, shapes, starts, pad, self_attn_mask)
             head = i if self.box_refine else 0
             delta = self.bbox_embed[head](tgt)
             logits.append(self.class_embed[head](tgt))

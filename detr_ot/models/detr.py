@@ -80,7 +80,7 @@ class DETR(nn.Module):
         if query_type == "learned":
             self.query_embed = nn.Embedding(num_queries, d)
         else:
-            self.anchors = _anchor_embedding(num_queries)
+            self.anchors = anchor_embedding(num_queries)
             self.anchor_pos = MLP(2 * d, d, d, 2)
         self.sigmoid = sigmoid
         self.num_classes = num_classes
@@ -94,7 +94,7 @@ class DETR(nn.Module):
             nn.init.zeros_(self.bbox_embed.layers[-1].bias)
         if num_queries_o2m > 0:  # last, so that the rest is initialised as without the group
             self.query_embed_o2m = (
-                nn.Embedding(num_queries_o2m, d) if query_type == "learned" else _anchor_embedding(num_queries_o2m)
+                nn.Embedding(num_queries_o2m, d) if query_type == "learned" else anchor_embedding(num_queries_o2m)
             )
 
     def _queries(self, weight: nn.Embedding, extra: str, n: int) -> torch.Tensor:
@@ -150,7 +150,7 @@ class DETR(nn.Module):
         return torch.stack(logits), torch.stack(boxes)
 
 
-def _anchor_embedding(num: int) -> nn.Embedding:
+def anchor_embedding(num: int) -> nn.Embedding:
     """``num`` learned anchor boxes, stored as logits of (cx, cy, w, h): centres spread uniformly over the image,
     boxes a quarter of its side."""
     anchors = nn.Embedding(num, 4)
