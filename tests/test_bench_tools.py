@@ -91,3 +91,6 @@ def test_matching_benchmark_runs_end_to_end() -> None:
     plan_gap = re.search(r"max \|plan - POT plan\| = (\S+)", out)
     assert plan_gap is not None and float(plan_gap.group(1)) < 1e-5
     assert out.count("backward") >= 4  # one line per GU target rule
+    for row in ("sinkhorn unrolled", "sinkhorn implicit", "unbalanced OT", "one-to-many hard (k=6)"):
+        ratio = re.search(re.escape(row) + r".*= +(\S+)x the Hungarian matcher", out)
+        assert ratio is not None and float(ratio.group(1)) > 0

@@ -6,6 +6,8 @@
 2. Batched log-domain Sinkhorn (B x Q x (Mmax+1), masks) vs a per-image loop of POT's ``sinkhorn_log`` at the
    same epsilon and iteration count (plans compared).
 3. GU backward per target rule relative to the Hungarian forward (the exact solve).
+4. Every matcher's training step (Sinkhorn unrolled and implicit, with supplies, unbalanced OT, the exact
+   one-to-many assignment) relative to the Hungarian matcher's forward, interleaved in one measurement.
 
 Ground-truth counts are drawn like COCO's (negative binomial, mean about 7, clipped to [1, 50]). Times are
 medians over ``--repeats`` interleaved runs after a warm-up, wall clock and (in brackets) process CPU
@@ -40,6 +42,7 @@ from detr_ot.matching import (  # noqa: E402
 from detr_ot.matching.gu import GUOptions, gu_assign  # noqa: E402
 from detr_ot.matching.hungarian import HungarianMatcher, solve_hungarian  # noqa: E402
 from detr_ot.matching.sinkhorn import SinkhornMatcher, SinkhornOptions, _cost_scale, sinkhorn_log  # noqa: E402
+from detr_ot.matching.supply import OneToManyMatcher, OneToManyOptions  # noqa: E402
 
 
 def coco_like_counts(rng: np.random.Generator, batch: int, mean: float = 7.0, cap: int = 50) -> list[int]:
@@ -195,7 +198,6 @@ def run(device: str, args: argparse.Namespace) -> None:
     print("[1] Hungarian matcher (pairwise terms + cost + solve) vs DETR-style full (B*Q) x sum(T) baseline")
     print(line("padded per-image blocks", t["ours"], "DETR-style", t["detr"], "(target >= 5x)"))
     print(f"  identical assignments: {same}/{args.batch} images")
-    t_hungarian = t["ours"]
 
     # 2. batched Sinkhorn vs a per-image loop of POT
     padded = PaddedTargets.from_list(targets, device)
@@ -209,22 +211,15 @@ def run(device: str, args: argparse.Namespace) -> None:
         float(np.abs(plan[b, :, : n + 1].double().cpu().numpy() - np.asarray(torch.as_tensor(r).cpu())).max())
         for b, (n, r) in enumerate(zip(counts, ref, strict=True))
     )
-    sk_matcher = SinkhornMatcher(weights, SinkhornOptions(epsilon=eps, iters=iters))
-    leaf = (logits.clone().requires_grad_(True), boxes.clone().requires_grad_(True))
 
     def sinkhorn_no_grad():
         with torch.no_grad():
             sinkhorn_log(full, rows, cols, col_mask, eps, iters)
 
-    def sinkhorn_train_step():
-        p = sk_matcher(compute_pairwise_terms(leaf[0], leaf[1], padded)).plan
-        torch.autograd.grad(p.sum() - 2 * p[..., 0].sum(), leaf)
-
     t = measure(
         {
             "batched": Case(sinkhorn_no_grad),
             "pot": Case(lambda: pot_loop(full, cols, counts, eps, iters, device)),
-            "step": Case(sinkhorn_train_step),
         },
         max(3, reps // 2),
         device,
@@ -233,9 +228,8 @@ def run(device: str, args: argparse.Namespace) -> None:
         f"[2] Sinkhorn, epsilon {eps} on max-normalised cost, {iters} iterations, padded to "
         f"{args.batch} x {args.queries} x {full.shape[2]}"
     )
-    print(line("batched sinkhorn_log", t["batched"], "POT sinkhorn_log loop", t["pot"], "(target >= 10x)"))
+    print(line("batched sinkhorn (no graph)", t["batched"], "POT sinkhorn_log loop", t["pot"], "(target >= 10x)"))
     print(f"  max |plan - POT plan| = {diff:.2e}")
-    print(line("sinkhorn matcher fwd + unrolled bwd", t["step"], "Hungarian matcher fwd", t_hungarian))
 
     # 3. GU backward per target rule vs the Hungarian forward (the exact solve)
     mask = padded.mask
@@ -266,6 +260,65 @@ def run(device: str, args: argparse.Namespace) -> None:
             f"(cpu {bwd[1] / t['solve'][1]:5.2f}x) | forward {fmt(fwd)} = {fwd[0] / t['solve'][0]:5.2f}x "
             f"(cpu {fwd[1] / t['solve'][1]:5.2f}x)"
         )
+
+    matcher_rows(device, args, logits, boxes, targets)
+
+
+def matcher_rows(device: str, args: argparse.Namespace, logits, boxes, targets) -> None:  # noqa: ANN001
+    """[4] Every matcher's training step against the Hungarian matcher's forward, interleaved in one measurement:
+    targets padded, pairwise terms, the matcher, and (where the plan carries a gradient) the backward of a
+    plan-weighted sum into the model outputs."""
+    weights = CostWeights()
+    eps, iters = args.epsilon, args.iters
+    leaf = (logits.clone().requires_grad_(True), boxes.clone().requires_grad_(True))
+    matchers = {
+        "sinkhorn unrolled": SinkhornMatcher(weights, SinkhornOptions(epsilon=eps, iters=iters)),
+        "sinkhorn implicit": SinkhornMatcher(weights, SinkhornOptions(epsilon=eps, iters=iters, gradient="implicit")),
+        "sinkhorn implicit, supply k=6": SinkhornMatcher(
+            weights, SinkhornOptions(epsilon=eps, iters=iters, gradient="implicit", supply="fixed", k=6)
+        ),
+        "sinkhorn implicit, dynamic k": SinkhornMatcher(
+            weights, SinkhornOptions(epsilon=eps, iters=iters, gradient="implicit", supply="dynamic")
+        ),
+        "unbalanced OT (tau 1) unrolled": SinkhornMatcher(
+            weights, SinkhornOptions(epsilon=eps, iters=iters, marginals="unbalanced", tau=1.0)
+        ),
+        "one-to-many hard (k=6)": OneToManyMatcher(weights, OneToManyOptions(k=6)),
+        "one-to-many hard (dynamic k)": OneToManyMatcher(weights, OneToManyOptions(supply="dynamic")),
+    }
+
+    def step(matcher) -> None:  # noqa: ANN001
+        padded = PaddedTargets.from_list(targets, device)
+        plan = matcher(compute_pairwise_terms(leaf[0], leaf[1], padded)).plan
+        if plan.requires_grad:
+            torch.autograd.grad(plan.sum() - 2 * plan[..., 0].sum(), leaf)
+
+    def terms_step() -> None:
+        padded = PaddedTargets.from_list(targets, device)
+        cost = matching_cost(compute_pairwise_terms(leaf[0], leaf[1], padded), weights, detach=False)
+        torch.autograd.grad(cost.sum(), leaf)
+
+    hungarian = HungarianMatcher(weights)
+    cases = {
+        "hungarian": Case(lambda: ours_hungarian(logits, boxes, targets, hungarian)),
+        "terms": Case(terms_step),
+    }
+    for name, matcher in matchers.items():
+        cases[name] = Case(lambda matcher=matcher: step(matcher))
+    t = measure(cases, max(3, args.repeats // 2), device)
+    base, terms = t["hungarian"], t["terms"]
+    print(f"[4] Matcher training steps (fwd + bwd where differentiable) vs the Hungarian matcher fwd {fmt(base)}, "
+          f"epsilon {eps}, {iters} iterations. 'over terms': the step minus the pairwise terms' own fwd + bwd (a "
+          f"training step pays that backward for the set loss anyway), in Hungarian matcher units")
+    print(f"  {'pairwise terms + cost, fwd + bwd':32s} {fmt(terms)} = {terms[0] / base[0]:6.2f}x the Hungarian "
+          f"matcher (cpu {terms[1] / base[1]:6.2f}x)")
+    for name in matchers:
+        target = " (target <= 3x)" if name == "sinkhorn implicit" else ""
+        extra = ""
+        if name.startswith(("sinkhorn", "unbalanced")):
+            extra = f"; over terms {(t[name][1] - terms[1]) / base[1]:+6.2f}x (cpu)"
+        print(f"  {name:32s} {fmt(t[name])} = {t[name][0] / base[0]:6.2f}x the Hungarian matcher "
+              f"(cpu {t[name][1] / base[1]:6.2f}x){extra}{target}")
 
 
 def main() -> None:
