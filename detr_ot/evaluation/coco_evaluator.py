@@ -7,9 +7,9 @@ to a backend as one ``(N, 7)`` array ``[image_id, x, y, w, h, score, category_id
 only built by the backends with pycocotools' API, and in ``dump``.
 
 Backends (``train.eval_backend``) are adapters in :mod:`detr_ot.evaluation.backends`: ``pycocotools`` (the
-reference), ``faster_coco_eval`` (pycocotools' numbers to 1e-12 on our tests, not bit for bit; 6-10x faster on
-a val2017-sized set) and ``hotcoco`` (the default; pycocotools' 12 numbers and precision, recall and score
-arrays bit for bit on our tests, ~140x faster), see tests/test_evaluation.py and tools/bench_eval.py.
+reference), ``faster_coco_eval`` (pycocotools' numbers to 1e-12 on our tests, not bit for bit) and ``hotcoco``
+(the default; pycocotools' 12 numbers and precision, recall and score arrays bit for bit on our tests), both
+much faster (tools/bench_eval.py measures them; figures in the README).
 A backend receives a box-only copy of the ground truth, loaded when the evaluator's ground truth is prepared
 (:func:`~detr_ot.evaluation.ground_truth.prepare_ground_truth`; the trainer does it at start-up), so a file a
 backend rejects fails before training, naming the file and the record.
@@ -24,8 +24,8 @@ that saw it. Two strategies, chosen by ``per_image``:
   accumulation sees exactly the records a single process would compute, so the 12 numbers are identical.
 * gather (default for ``faster_coco_eval`` and ``hotcoco``): the detections (a few float64 arrays) are
   gathered on rank 0, which runs the backend's whole evaluation. faster_coco_eval's per-image records cost
-  more to serialise than its whole evaluation on one rank; hotcoco evaluates a val2017-sized set in under a
-  second on one rank, and its per-image strategy was no faster than gathering (1000 images on 2 processes).
+  more to serialise than its whole evaluation on one rank, and hotcoco's whole evaluation is so fast that its
+  per-image strategy was no faster than gathering.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """faster_coco_eval: a C++ re-implementation of pycocotools' COCOeval behind the same Python API.
 
-Its per-image records are opaque C++ objects: they pickle as they are, but at about 12 us each (1.6 M of them
-for COCO val2017), more than its whole evaluation on one rank, so distributed runs gather the detections on
-rank 0 by default."""
+Its per-image records are opaque C++ objects: they pickle as they are, but serialising one per (image,
+category, area range) costs more than its whole evaluation on one rank, so distributed runs gather the
+detections on rank 0 by default."""
 
 from __future__ import annotations
 
