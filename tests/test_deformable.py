@@ -388,3 +388,15 @@ def test_one_epoch_through_the_engine(tiny, tmp_path: Path) -> None:  # noqa: AN
     assert math.isfinite(log[0]["train_loss"])
     assert "train_loss_cls_enc" in log[0]
     assert all(math.isfinite(v) for k, v in log[0].items() if isinstance(v, float) and "AP" not in k)
+
+
+def test_losses_see_float32_on_every_layer_under_autocast() -> None:
+    """The trainer casts every nested layer (aux_outputs and enc_outputs) to float32 before the criterion."""
+    from detr_ot.engine.trainer import _float_outputs
+
+    model = deformable().to(torch.bfloat16)
+    x, mask = images()
+    with torch.no_grad():
+        out = _float_outputs(model(x.to(torch.bfloat16), mask))
+    layers = [out, *out["aux_outputs"], out["enc_outputs"]]
+    assert all(layer[k].dtype == torch.float32 for layer in layers for k in ("pred_logits", "pred_boxes"))

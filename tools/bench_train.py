@@ -8,12 +8,14 @@ more. Images/s counts the images of all processes (``N`` x per-process batch x i
 per process is fixed and the total batch grows with ``N``, as in data-parallel training. Each ratio is
 against the 1-process figure of the same preset, device and AMP setting, measured in the same run.
 
-Presets: ``tiny`` is configs/shapes.yaml (tiny CNN, d=128, 2+2 layers, 20 queries, 96..128 px shapes
+Presets: ``tiny`` is configs/shapes.yaml (tiny CNN, d=128, 1+3 layers, 20 queries, 96..128 px shapes
 images, batch 8 per process); ``r50`` is configs/detr_r50_coco.yaml (DETR-R50: ResNet-50 with frozen
 BatchNorm, 6+6 layers, d=256, 100 queries, batch 2 per process) with ``model.pretrained=false`` (no
 download) on synthetic shapes images of ``--r50-size`` px (default 800 on a GPU, like COCO's shorter side;
-256 on CPU, where 800 px takes minutes per step). Data come from the built-in shapes generator, written
-once under ``--data-dir``.
+256 on CPU, where 800 px takes minutes per step). ``tiny_deform`` (configs/shapes_deformable.yaml) and
+``r50_deform`` (configs/deformable_r50_coco.yaml: two-stage Deformable DETR, 4 levels, 300 queries) are the
+Deformable DETR family on the same images as ``tiny`` and ``r50``. Data come from the built-in shapes
+generator, written once under ``--data-dir``.
 
 CPU runs use gloo and ``--threads`` torch threads per process (default 1). On CUDA every preset also runs
 with and without AMP on 1 GPU, and on all GPUs when there are several.
@@ -38,12 +40,22 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-PRESETS = {"tiny": ROOT / "configs" / "shapes.yaml", "r50": ROOT / "configs" / "detr_r50_coco.yaml"}
+PRESETS = {
+    "tiny": ROOT / "configs" / "shapes.yaml",
+    "r50": ROOT / "configs" / "detr_r50_coco.yaml",
+    "tiny_deform": ROOT / "configs" / "shapes_deformable.yaml",
+    "r50_deform": ROOT / "configs" / "deformable_r50_coco.yaml",
+}
+
+
+def is_tiny(preset: str) -> bool:
+    """Tiny presets run on the small shapes images, the others on ``--r50-size`` px images."""
+    return preset.startswith("tiny")
 
 
 def preset_overrides(args: argparse.Namespace, preset: str, device: str, images: int) -> list[str]:
     """Config overrides of ``preset``: shapes data under ``--data-dir`` with ``images`` training images."""
-    if preset == "tiny":
+    if is_tiny(preset):
         batch, lo, hi, objects = args.tiny_batch, 96, 128, 5
         extra: list[str] = []
     else:
@@ -51,7 +63,7 @@ def preset_overrides(args: argparse.Namespace, preset: str, device: str, images:
         batch, lo, hi, objects = args.r50_batch, int(size * 0.75), size, 8
         extra = ["model.pretrained=false", "data.dataset=shapes", "data.transforms=shapes",
                  "data.train_split=train", "data.val_split=val"]
-    root = Path(args.data_dir) / f"{preset}_{lo}_{hi}_{images}"
+    root = Path(args.data_dir) / f"{'tiny' if is_tiny(preset) else 'r50'}_{lo}_{hi}_{images}"  # shared by models
     return [*extra, f"data.root={root}", f"data.batch_size={batch}", f"data.num_workers={args.num_workers}",
             f"data.shapes.num_train={images}", "data.shapes.num_val=1", "data.shapes.seed=0",
             f"data.shapes.min_size={lo}", f"data.shapes.max_size={hi}", f"data.shapes.max_objects={objects}",
@@ -133,7 +145,7 @@ def measure(args: argparse.Namespace, preset: str, device: str, nproc: int, amp:
 
 
 def batch_of(args: argparse.Namespace, preset: str) -> int:
-    return args.tiny_batch if preset == "tiny" else args.r50_batch
+    return args.tiny_batch if is_tiny(preset) else args.r50_batch
 
 
 def prepare_data(preset: str, overrides: list[str]) -> None:
@@ -146,7 +158,8 @@ def prepare_data(preset: str, overrides: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument("--presets", nargs="+", default=["tiny", "tiny_deform", "r50", "r50_deform"],
+                        choices=list(PRESETS))
     parser.add_argument("--nprocs", nargs="+", type=int, default=[1, 2], help="CPU process counts")
     parser.add_argument("--iters", type=int, default=10, help="timed iterations")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
@@ -179,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             plan += [(preset, "cuda", n, amp) for amp in (False, True) for n in gpus]
     print(f"cpu count {os.cpu_count()}, {args.threads} torch thread(s) per CPU process, "
           f"cuda: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
-    print(f"{'preset':<7}{'device':<7}{'amp':<5}{'procs':>6}{'batch/proc':>11}{'total batch':>12}"
+    print(f"{'preset':<12}{'device':<7}{'amp':<5}{'procs':>6}{'batch/proc':>11}{'total batch':>12}"
           f"{'images/s':>10}{'vs 1 proc':>11}")
     rows: list[dict[str, Any]] = []
     for preset, device, nproc, amp in plan:
@@ -189,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         row["ratio_vs_1_process"] = row["images_per_s"] / base["images_per_s"] if base else None
         rows.append(row)
         ratio = f"{row['ratio_vs_1_process']:.2f}x" if base else "-"
-        print(f"{preset:<7}{device:<7}{'on' if amp else 'off':<5}{nproc:>6}{row['batch_per_process']:>11}"
+        print(f"{preset:<12}{device:<7}{'on' if amp else 'off':<5}{nproc:>6}{row['batch_per_process']:>11}"
               f"{nproc * row['batch_per_process']:>12}{row['images_per_s']:>10.2f}{ratio:>11}", flush=True)
     if not torch.cuda.is_available():
         print("(no CUDA device: GPU figures, with and without AMP, skipped)")

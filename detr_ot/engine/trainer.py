@@ -129,16 +129,14 @@ def train_one_epoch(
     return means
 
 
-def _float_outputs(outputs: dict) -> dict:
-    """Losses are computed in fp32 even under autocast."""
-
-    def cast(d: dict) -> dict:
-        return {k: (v.float() if torch.is_tensor(v) else v) for k, v in d.items() if k != "aux_outputs"}
-
-    out = cast(outputs)
-    if "aux_outputs" in outputs:
-        out["aux_outputs"] = [cast(a) for a in outputs["aux_outputs"]]
-    return out
+def _float_outputs(outputs: Any) -> Any:
+    """Losses are computed in fp32 even under autocast, on every nested layer of the outputs (aux_outputs,
+    two-stage enc_outputs, ...)."""
+    if isinstance(outputs, dict):
+        return {k: _float_outputs(v) for k, v in outputs.items()}
+    if isinstance(outputs, list | tuple):
+        return [_float_outputs(v) for v in outputs]
+    return outputs.float() if torch.is_tensor(outputs) and outputs.is_floating_point() else outputs
 
 
 @torch.no_grad()
