@@ -3,12 +3,15 @@ converged plan (float64), with one-to-one and non-uniform supplies; through the 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from detr_ot.matching import CostWeights, PairwiseTerms
 from detr_ot.matching.balanced import sinkhorn_log
 from detr_ot.matching.implicit import implicit_plan_vjp, sinkhorn_implicit
 from detr_ot.matching.sinkhorn import SinkhornMatcher, SinkhornOptions
+from detr_ot.matching.unbalanced import sinkhorn_unbalanced_log
 
 L1_ONLY = CostWeights(cost_class=0.0, cost_bbox=1.0, cost_giou=0.0)
 
@@ -117,3 +120,47 @@ def test_implicit_graph_memory_does_not_grow_with_iterations() -> None:
 
     assert saved_bytes(sinkhorn_implicit, 10) == saved_bytes(sinkhorn_implicit, 200) == cost.numel() * 4
     assert saved_bytes(sinkhorn_log, 200) > 10 * saved_bytes(sinkhorn_log, 10)
+
+
+def test_unbalanced_implicit_equals_unrolled_and_finite_differences() -> None:
+    """Strict rows, KL-relaxed columns: the implicit gradient against the unrolled one at convergence and the
+    converged plan's finite differences."""
+    cost, rows, cols, mask = problem(7, [3, 2], 7, True)
+    weights = torch.randn(cost.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+
+    def unrolled(c):  # noqa: ANN001, ANN202
+        return sinkhorn_unbalanced_log(c, rows, cols, mask, 0.2, 0.5, math.inf, 1500, exact_rows=True)
+
+    def implicit(c):  # noqa: ANN001, ANN202
+        return sinkhorn_implicit(c, rows, cols, mask, 0.2, 3000, tol=1e-14, check_every=1, tau=0.5)
+
+    grads = []
+    for fn in (unrolled, implicit):
+        c = cost.clone().requires_grad_(True)
+        (fn(c) * weights).sum().backward()
+        grads.append(c.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-9, rtol=0) and grads[1].abs().max() > 1e-2
+    small = problem(9, [2, 1], 4, True)
+    rows_s, cols_s, mask_s = small[1:]
+
+    def implicit_small(c):  # noqa: ANN001, ANN202
+        return sinkhorn_implicit(c, rows_s, cols_s, mask_s, 0.3, 3000, tol=1e-14, check_every=1, tau=0.4)
+
+    assert torch.autograd.gradcheck(implicit_small, (small[0].clone().requires_grad_(True),), eps=1e-6, atol=1e-6)
+
+
+def test_matcher_unbalanced_implicit() -> None:
+    g = torch.Generator().manual_seed(10)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    cost = torch.rand(2, 9, 3, generator=g, dtype=torch.float64) * 2
+    w = torch.randn(2, 9, 4, generator=g, dtype=torch.float64)
+    grads = {}
+    for grad in ("unrolled", "implicit"):
+        c = cost.clone().requires_grad_(True)
+        zero = torch.zeros_like(c)
+        opts = SinkhornOptions(marginals="unbalanced", tau=0.5, supply="fixed", k=2, iters=2000, epsilon=0.1,
+                               gradient=grad)
+        plan = SinkhornMatcher(L1_ONLY, opts)(PairwiseTerms(c, zero, zero, mask, [0, 1])).plan
+        (plan * w).sum().backward()
+        grads[grad] = c.grad
+    assert torch.allclose(grads["unrolled"], grads["implicit"], atol=1e-8) and grads["implicit"].abs().sum() > 0

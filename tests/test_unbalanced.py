@@ -106,6 +106,27 @@ def test_matcher_option_rows_strict_and_pot_backend() -> None:
     p1 = SinkhornMatcher(L1_ONLY, moved)(make_terms(cost, mask)).plan
     assert (p0 - p1).abs().max() > 1e-2
     with pytest.raises(ValueError, match="implicit"):
-        SinkhornOptions(marginals="unbalanced", gradient="implicit")
+        SinkhornOptions(gradient="implicit", backend="pot")
     with pytest.raises(ValueError, match="marginals"):
         SinkhornOptions(marginals="partial")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_no_graph_scaling_form_equals_log_domain(dtype: torch.dtype) -> None:
+    """Without a graph the generalised iterations run in scaling form: the log-domain iterates at fixed counts
+    (strict or relaxed rows, across an absorption at 50), and the same tolerance stop."""
+    cost, rows, cols, mask = problem(3, [5, 2, 6], 30)
+    for iters in (1, 7, 70):
+        for tau_rows in (math.inf, 0.5):
+            ref = sinkhorn_unbalanced_log(cost.clone().requires_grad_(True), rows, cols, mask, 0.1, 0.4, tau_rows,
+                                          iters, exact_rows=True).detach()
+            with torch.no_grad():
+                plan = sinkhorn_unbalanced_log(cost.to(dtype), rows.to(dtype), cols.to(dtype), mask, 0.1, 0.4,
+                                               tau_rows, iters, exact_rows=True)
+            assert plan.dtype == dtype
+            assert (plan.double() - ref).abs().max() < (1e-12 if dtype == torch.float64 else 1e-5)
+    ref = sinkhorn_unbalanced_log(cost.clone().requires_grad_(True), rows, cols, mask, 0.1, 0.4, math.inf, 5000,
+                                  tol=1e-10).detach()
+    with torch.no_grad():
+        plan = sinkhorn_unbalanced_log(cost, rows, cols, mask, 0.1, 0.4, math.inf, 5000, tol=1e-10)
+    assert (plan - ref).abs().max() < 1e-12

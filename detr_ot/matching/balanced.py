@@ -64,12 +64,15 @@ def log_kernel(cost: torch.Tensor, col_mask: torch.Tensor, epsilon: float) -> to
     return torch.where(col_mask[:, None, :], -cost / epsilon, torch.full_like(cost, neg))
 
 
-def _iteration_dtype(cost: torch.Tensor, col_mask: torch.Tensor, epsilon: float, graph: bool) -> tuple:
-    """(dtype to iterate in, whether the scaling form applies). One host sync (the cost's dynamic range)."""
+def _iteration_dtype(
+    cost: torch.Tensor, col_mask: torch.Tensor, epsilon: float, graph: bool, extra: float = 0.0
+) -> tuple[torch.dtype, bool]:
+    """(dtype to iterate in, whether the scaling form applies). ``extra``: a bound on what the kernel adds to
+    |C| / eps. One host sync (the cost's dynamic range)."""
     dtype = torch.float32 if cost.dtype in (torch.float16, torch.bfloat16) else cost.dtype
     if cost.numel() == 0:
         return dtype, False
-    dynamic_range = float(torch.where(col_mask[:, None, :], cost.detach().abs(), 0).amax()) / epsilon
+    dynamic_range = float(torch.where(col_mask[:, None, :], cost.detach().abs(), 0).amax()) / epsilon + extra
     if not graph and dynamic_range <= _KERNEL_RANGE.get(dtype, 0.0):
         return dtype, True
     if not graph and dynamic_range <= _KERNEL_RANGE[torch.float64]:  # the scaling form in float64 is still

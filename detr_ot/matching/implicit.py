@@ -27,19 +27,27 @@ which does not change ``x_i + y_j``. ``a`` and ``b`` are read off the plan itsel
 the gradient is the exact derivative of the entropic plan for the marginals the returned plan has (a exactly;
 b to the iterations' tolerance). The supplies of one-to-many matching (non-uniform b) need nothing more. The
 marginals are treated as constants (the supplies come from the detached IoU).
+
+Unbalanced OT with strict rows and KL-relaxed columns (:mod:`detr_ot.matching.unbalanced`): at the fixed point
+``v_j = (tau / eps) log(b_j / (P^T 1)_j)``; differentiating it replaces the column block ``diag(b)`` of H by
+``(1 + eps / tau) diag(P^T 1)``, everything else unchanged. H is then non-singular (no rank-one fill).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from detr_ot.matching.balanced import sinkhorn_log
+from detr_ot.matching.unbalanced import sinkhorn_unbalanced_log
 
 
 class ImplicitSinkhorn(torch.autograd.Function):
-    """Balanced entropic plan forward (no graph), implicit-function-theorem backward (module docstring)."""
+    """Entropic plan forward (no graph), implicit-function-theorem backward (module docstring). ``tau``: inf for
+    the balanced problem, finite for the unbalanced one with strict rows (:mod:`detr_ot.matching.unbalanced`,
+    ``exact_rows``)."""
 
     @staticmethod
     def forward(
@@ -52,24 +60,34 @@ class ImplicitSinkhorn(torch.autograd.Function):
         iters: int,
         tol: float,
         check_every: int,
+        tau: float,
     ) -> torch.Tensor:
         with torch.no_grad():
-            plan = sinkhorn_log(cost, row_marginals, col_marginals, col_mask, epsilon, iters, tol, check_every)
+            if math.isinf(tau):
+                plan = sinkhorn_log(cost, row_marginals, col_marginals, col_mask, epsilon, iters, tol, check_every)
+            else:
+                plan = sinkhorn_unbalanced_log(
+                    cost, row_marginals, col_marginals, col_mask, epsilon, tau, math.inf, iters, tol, check_every,
+                    exact_rows=True,
+                )
         ctx.save_for_backward(plan)
-        ctx.epsilon = epsilon
+        ctx.epsilon, ctx.tau = epsilon, tau
         return plan
 
     @staticmethod
     def backward(ctx: Any, grad_plan: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (plan,) = ctx.saved_tensors
-        grad = implicit_plan_vjp(plan, grad_plan, ctx.epsilon)
-        return grad, None, None, None, None, None, None, None
+        grad = implicit_plan_vjp(plan, grad_plan, ctx.epsilon, ctx.tau)
+        return grad, None, None, None, None, None, None, None, None
 
 
-def implicit_plan_vjp(plan: torch.Tensor, grad_plan: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """``dL/dC`` (B x Q x N) from the converged plan ``P`` and ``g = dL/dP`` (module docstring). The B x Q x N
-    products run in the plan's dtype; the N x N systems are solved in float64, where the Schur complement's
-    cancellation (its rows sum to zero) costs the least."""
+def implicit_plan_vjp(
+    plan: torch.Tensor, grad_plan: torch.Tensor, epsilon: float, tau: float = math.inf
+) -> torch.Tensor:
+    """``dL/dC`` (B x Q x N) from the converged plan ``P`` and ``g = dL/dP`` (module docstring; ``tau`` finite:
+    the unbalanced column block ``(1 + eps / tau) diag(b)``, no null direction). The B x Q x N products run in
+    the plan's dtype; the N x N systems are solved in float64, where the Schur complement's cancellation (its
+    rows sum to zero in the balanced case) costs the least."""
     p = plan.detach()
     g = grad_plan.to(p.dtype)
     real = p.sum(1) > 0  # columns that carry mass (padded and zero-supply columns do not)
@@ -78,12 +96,14 @@ def implicit_plan_vjp(plan: torch.Tensor, grad_plan: torch.Tensor, epsilon: floa
     a = p.sum(2).clamp_min(torch.finfo(p.dtype).tiny)
     b = p.sum(1)
     pa = p / a[:, :, None]
-    schur = (torch.diag_embed(b) - torch.bmm(p.transpose(1, 2), pa)).double()  # B x N x N
+    relax = 1.0 if math.isinf(tau) else 1.0 + epsilon / tau
+    schur = (torch.diag_embed(b * relax) - torch.bmm(p.transpose(1, 2), pa)).double()  # B x N x N
     rhs = (beta - torch.bmm(alpha[:, None, :], pa).squeeze(1)).double()
     w = real.double()
-    count = w.sum(1).clamp_min(1)
-    scale = (b.double().sum(1) / count).clamp_min(torch.finfo(torch.float64).tiny)  # a typical eigenvalue
-    schur = schur + (scale / count)[:, None, None] * w[:, :, None] * w[:, None, :]
+    if math.isinf(tau):  # fill the balanced problem's null direction (all ones over the real columns)
+        count = w.sum(1).clamp_min(1)
+        scale = (b.double().sum(1) / count).clamp_min(torch.finfo(torch.float64).tiny)  # a typical eigenvalue
+        schur = schur + (scale / count)[:, None, None] * w[:, :, None] * w[:, None, :]
     schur = schur + torch.diag_embed(1 - w)  # y_j = 0 on columns without mass
     y = torch.linalg.solve(schur, rhs * w).to(p.dtype)
     x = (alpha - torch.bmm(y[:, None, :], p.transpose(1, 2)).squeeze(1)) / a
@@ -99,11 +119,13 @@ def sinkhorn_implicit(
     iters: int = 50,
     tol: float = 0.0,
     check_every: int = 10,
+    tau: float = math.inf,
 ) -> torch.Tensor:
-    """The plan of :func:`~detr_ot.matching.balanced.sinkhorn_log` (same arguments) with the implicit gradient
-    into ``cost``."""
+    """The plan of :func:`~detr_ot.matching.balanced.sinkhorn_log` (``tau = inf``) or of
+    :func:`~detr_ot.matching.unbalanced.sinkhorn_unbalanced_log` with strict rows and ``exact_rows`` (finite
+    ``tau``), same arguments, with the implicit gradient into ``cost``."""
     if col_mask is None:
         col_mask = torch.ones(cost.shape[0], cost.shape[2], dtype=torch.bool, device=cost.device)
     return ImplicitSinkhorn.apply(
-        cost, row_marginals, col_marginals, col_mask, epsilon, iters, tol, check_every
+        cost, row_marginals, col_marginals, col_mask, epsilon, iters, tol, check_every, tau
     )

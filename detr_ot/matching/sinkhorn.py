@@ -84,7 +84,8 @@ class SinkhornOptions(SupplyOptions):
     gradient: ``unrolled`` (autograd through the iterations; soft mode), ``detached`` (no gradient),
         ``straight_through`` (hard mode: the hard plan forward, the unrolled soft plan's gradient backward), or
         ``implicit`` (the gradient of the converged plan by implicit differentiation, memory independent of
-        ``iters``, :mod:`detr_ot.matching.implicit`; balanced marginals; in hard mode passed straight through).
+        ``iters``, :mod:`detr_ot.matching.implicit`; balanced or unbalanced; in hard mode passed straight
+        through).
     backend: ``torch`` (batched) or ``pot`` (a loop over images calling POT's ``ot.sinkhorn(...,
         method="sinkhorn_log")`` or ``ot.unbalanced.sinkhorn_unbalanced``, for verification).
     """
@@ -137,10 +138,10 @@ class SinkhornOptions(SupplyOptions):
                 "matcher.sinkhorn.gradient=straight_through needs mode=hard (it passes the soft plan's "
                 "gradient straight through the rounding)"
             )
-        if self.gradient == "implicit" and (self.marginals != "balanced" or self.backend != "torch"):
+        if self.gradient == "implicit" and self.backend != "torch":
             raise ValueError(
-                "matcher.sinkhorn.gradient=implicit differentiates the balanced fixed point with the torch "
-                f"backend; got marginals={self.marginals!r}, backend={self.backend!r} (use gradient=unrolled)"
+                "matcher.sinkhorn.gradient=implicit differentiates the fixed point with the torch backend; use "
+                "backend=torch, or gradient=unrolled to differentiate through POT"
             )
 
 
@@ -245,12 +246,13 @@ class SinkhornMatcher(Matcher):
         o, eps = self.options, self.epsilon
         if o.backend == "pot":
             return _sinkhorn_pot(full, rows, cols, col_mask, o, eps)
+        tau = o.tau if o.marginals == "unbalanced" else math.inf
+        if o.gradient == "implicit":
+            return sinkhorn_implicit(full, rows, cols, col_mask, eps, o.iters, o.tol, o.check_every, tau)
         if o.marginals == "unbalanced":
             return sinkhorn_unbalanced_log(
                 full, rows, cols, col_mask, eps, o.tau, math.inf, o.iters, o.tol, o.check_every, exact_rows=True
             )
-        if o.gradient == "implicit":
-            return sinkhorn_implicit(full, rows, cols, col_mask, eps, o.iters, o.tol, o.check_every)
         return sinkhorn_log(full, rows, cols, col_mask, eps, o.iters, o.tol, o.check_every)
 
     def forward(self, terms: PairwiseTerms) -> Assignment:

@@ -29,7 +29,14 @@ import math
 
 import torch
 
-from detr_ot.matching.balanced import _exp_floor, log_kernel, logsumexp_last, plan_from_potentials
+from detr_ot.matching.balanced import (
+    _ABSORB_EVERY,
+    _exp_floor,
+    _iteration_dtype,
+    log_kernel,
+    logsumexp_last,
+    plan_from_potentials,
+)
 
 
 def _exponent(strength: float, epsilon: float) -> float:
@@ -66,26 +73,73 @@ def sinkhorn_unbalanced_log(
         col_mask = torch.ones(cost.shape[0], cost.shape[2], dtype=torch.bool, device=cost.device)
     col_mask = col_mask & (col_marginals > 0)
     out_dtype = cost.dtype
-    if out_dtype in (torch.float16, torch.bfloat16):
-        cost = cost.float()
-    dtype = cost.dtype
+    graph = torch.is_grad_enabled() and cost.requires_grad
+    # the kernel below adds log a_i + log b_j to -C/eps: its range decides the form (see balanced.py)
+    shift = 0.0
+    if cost.numel():
+        log_marg = torch.cat([row_marginals.detach().flatten(), col_marginals.detach()[col_mask]]).log().abs()
+        shift = float(log_marg.amax())
+    dtype, scaling = _iteration_dtype(cost, col_mask, epsilon, graph, extra=shift)
+    cost = cost.to(dtype)
     floor = _exp_floor(dtype)
     tiny = torch.finfo(dtype).tiny
     log_a = row_marginals.to(dtype).log()
     log_b = torch.where(col_mask, col_marginals.to(dtype).clamp_min(tiny).log(), 0)
     log_k = log_kernel(cost, col_mask, epsilon)
     log_k = torch.where(col_mask[:, None, :], log_k + log_a[:, :, None] + log_b[:, None, :], log_k)
-    log_k_t = log_k.transpose(1, 2).contiguous()
     fr, fc = _exponent(tau_rows, epsilon), _exponent(tau, epsilon)
-    u = torch.zeros_like(log_a)
-    v = torch.zeros_like(log_b)
-    for it in range(iters):
-        u = fr * (log_a - logsumexp_last(log_k + v[:, None, :], floor))
-        v_new = torch.where(col_mask, fc * (log_b - logsumexp_last(log_k_t + u[:, None, :], floor)), 0)
-        if tol > 0 and it % check_every == 0 and float((v_new - v).detach().abs().amax()) < tol:
+    if scaling:
+        with torch.no_grad():
+            u, v = _scaling_iterations(log_k, log_a, log_b, col_mask, fr, fc, iters, tol, check_every)
+    else:
+        log_k_t = log_k.transpose(1, 2).contiguous()
+        u = torch.zeros_like(log_a)
+        v = torch.zeros_like(log_b)
+        for it in range(iters):
+            u = fr * (log_a - logsumexp_last(log_k + v[:, None, :], floor))
+            v_new = torch.where(col_mask, fc * (log_b - logsumexp_last(log_k_t + u[:, None, :], floor)), 0)
+            if tol > 0 and it % check_every == 0 and float((v_new - v).detach().abs().amax()) < tol:
+                v = v_new
+                break
             v = v_new
-            break
-        v = v_new
     if exact_rows:
         u = log_a - logsumexp_last(log_k + v[:, None, :], floor)
     return plan_from_potentials(log_k, u, v, col_mask, floor).to(out_dtype)
+
+
+def _scaling_iterations(
+    log_k: torch.Tensor,
+    log_a: torch.Tensor,
+    log_b: torch.Tensor,
+    col_mask: torch.Tensor,
+    fr: float,
+    fc: float,
+    iters: int,
+    tol: float,
+    check_every: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The iterations above without a graph, in scaling form: with the potentials ``u0``, ``v0`` absorbed in
+    ``G = exp(log K + u0 + v0)`` and the scalings ``su = e^(u - u0)``, ``sv = e^(v - v0)``, the row update
+    ``u = fr (log a - LSE_j(log K_ij + v_j))`` reads ``log su = fr (log a - log(G sv)) + (fr - 1) u0`` (and the
+    same for the columns): two batched matrix-vector products and elementwise work on vectors per iteration.
+    Returns the log-potentials (u, v)."""
+    floor = _exp_floor(log_k.dtype)
+    tiny = torch.finfo(log_k.dtype).tiny
+    u0, v0 = torch.zeros_like(log_a), torch.zeros_like(log_b)
+    lu, lv = torch.zeros_like(log_a), torch.zeros_like(log_b)  # log su, log sv
+    kernel = kernel_t = None
+    for it in range(iters):
+        if it % _ABSORB_EVERY == 0:
+            u0, v0 = u0 + lu, v0 + lv
+            lu, lv = torch.zeros_like(lu), torch.zeros_like(lv)
+            kernel = plan_from_potentials(log_k, u0, v0, col_mask, floor)
+            kernel_t = kernel.transpose(1, 2).contiguous()
+        gsv = torch.bmm(lv.exp()[:, None, :], kernel_t).squeeze(1)
+        lu = fr * (log_a - gsv.log()) + (fr - 1) * u0
+        gsu = torch.bmm(lu.exp()[:, None, :], kernel).squeeze(1).clamp_min_(tiny)
+        lv_new = torch.where(col_mask, fc * (log_b - gsu.log()) + (fc - 1) * v0, 0)
+        done = tol > 0 and it % check_every == 0 and float((lv_new - lv).abs().amax()) < tol
+        lv = lv_new
+        if done:
+            break
+    return u0 + lu, v0 + lv
