@@ -283,6 +283,9 @@ def matcher_rows(device: str, args: argparse.Namespace, logits, boxes, targets) 
         "unbalanced OT (tau 1) unrolled": SinkhornMatcher(
             weights, SinkhornOptions(epsilon=eps, iters=iters, marginals="unbalanced", tau=1.0)
         ),
+        "unbalanced OT (tau 1) implicit": SinkhornMatcher(
+            weights, SinkhornOptions(epsilon=eps, iters=iters, marginals="unbalanced", tau=1.0, gradient="implicit")
+        ),
         "one-to-many hard (k=6)": OneToManyMatcher(weights, OneToManyOptions(k=6)),
         "one-to-many hard (dynamic k)": OneToManyMatcher(weights, OneToManyOptions(supply="dynamic")),
     }

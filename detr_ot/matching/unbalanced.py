@@ -21,6 +21,9 @@ ground truth j receives about k_j queries, fewer when its queries are expensive,
 the last of POT's updates is the column update, ``exact_rows=True`` ends with one more row update, which
 rescales every row of POT's plan to sum to its ``a_i``. Unlike the balanced problem, a constant background cost
 does change this plan (it is no longer absorbed by a potential).
+
+Without a graph the same iterations run in scaling form, as in :mod:`detr_ot.matching.balanced`; the implicit
+gradient of the strict-rows problem is in :mod:`detr_ot.matching.implicit`.
 """
 
 from __future__ import annotations
