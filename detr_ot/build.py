@@ -34,6 +34,8 @@ def _build_detr(cfg: Config, num_classes: int) -> DETR:
 
 def _build_deformable(cfg: Config, num_classes: int) -> DeformableDETR:
     m = cfg.model
+    if m.num_feature_levels < 1:
+        raise ValueError(f"model.num_feature_levels={m.num_feature_levels} must be >= 1")
     levels = min(m.num_feature_levels, 3)  # C3-C5 at most; the rest are extra stride-2 levels
     backbone = build_backbone(m.backbone, m.pretrained, m.backbone_weights, tiny_widths=tuple(m.tiny_widths),
                               levels=levels)

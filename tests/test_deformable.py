@@ -366,6 +366,8 @@ def test_presets_load() -> None:
         (["model.box_refine=false", "model.look_forward_twice=true"], "look_forward_twice"),
         (["model.num_feature_levels=2", "model.tiny_widths=[8,16,16,32]"], None),
         (["model.num_queries=400"], "fewer than model.num_queries=400"),
+        (["model.num_feature_levels=0"], "model.num_feature_levels=0 must be >= 1"),
+        (["model.enc_points=0"], "n_points=0"),
     ],
 )
 def test_bad_settings_are_named(overrides: list[str], message: str | None) -> None:
