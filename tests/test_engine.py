@@ -518,9 +518,24 @@ def random_model(tiny, backbone: str, num_queries: int = 50):  # noqa: ANN001, A
     return cfg, model
 
 
+class InFloat64(torch.nn.Module):
+    """``model`` in float64 on float64 images. Its outputs for an image then agree to ~1e-16 whatever the batch
+    padding, so the evaluation's float32 casts of them have the same bits, and COCO numbers, which jump where
+    two scores swap or an IoU crosses a threshold, can be compared exactly on any CPU. (In float32 the padding
+    moves the scores here by up to 4 ulps, more than the 2 ulps between the closest two of the 400.)"""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model.double()
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> dict:
+        return self.model(images.double(), mask)
+
+
 def test_coco_metrics_do_not_depend_on_eval_batch_size(varied_val_set: CocoDetection, tiny,
                                                        tmp_path: Path) -> None:
     cfg, model = random_model(tiny, "tiny")
+    model = InFloat64(model)
     criterion, postprocess = build_criterion(cfg, 3), build_postprocess(cfg)
     device = torch.device("cpu")
     results = {}
