@@ -55,10 +55,20 @@ def _flipped(boxes: torch.Tensor) -> torch.Tensor:
     return (boxes * boxes.new_tensor(_FLIP)).permute(2, 0, 1).contiguous()
 
 
-def _above(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """1 where ``x > threshold``, else 0, in ``x``'s dtype: the clamp's backward mask, without ``torch.where`` (whose
-    CPU kernel is several times slower than arithmetic on data-dependent masks). ``x - t`` is 0 only at ``x == t``."""
-    return torch.sign(x - threshold).clamp_(min=0)
+def _minus_above(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """-1 where ``x > threshold``, else 0, in ``x``'s dtype: the clamp's backward mask (with a sign), without
+    ``torch.where`` (whose CPU kernel is several times slower than arithmetic on data-dependent masks). In
+    floating point ``x - t`` is 0 only at ``x == t``. Computed in place on fresh tensors: on CPU each new
+    (B, N, M) buffer costs page faults comparable to the arithmetic."""
+    return (threshold - x).sign_().clamp_(max=0)
+
+
+def _swap_mul(wh: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """(h * factor, w * factor) from (w, h), (2, B, N, M), written straight into one buffer."""
+    out = torch.empty_like(wh)
+    torch.mul(wh[1], factor, out=out[0])
+    torch.mul(wh[0], factor, out=out[1])
+    return out
 
 
 class _PairwiseIoUGIoU(torch.autograd.Function):
@@ -105,26 +115,23 @@ class _PairwiseIoUGIoU(torch.autograd.Function):
         # d giou / d hull = -union / hull^2. The clamps pass no gradient at or below their bound (as autograd).
         grad_ratio = grad_giou if grad_iou is None else grad_iou if grad_giou is None else grad_iou + grad_giou
         grad_union = grad_ratio * iou
-        grad_union.div_(union).neg_()
+        grad_union.div_(union)  # minus d/d union, until the mask below flips its sign
         if grad_giou is not None:
             over_hull = grad_giou / hull
-            grad_union.add_(over_hull)
-            grad_hull = over_hull.mul_(union).div_(hull).neg_().mul_(_above(hull_raw, _MIN_AREA))
-        grad_union.mul_(_above(union_raw, _MIN_AREA))
+            grad_union.sub_(over_hull)
+            grad_hull = over_hull.mul_(union).div_(hull).mul_(_minus_above(hull_raw, _MIN_AREA))
+        grad_union.mul_(_minus_above(union_raw, _MIN_AREA))
         # union_raw = area1 + area2 - inter; inter = w h with w, h clamped at 0: where either is clamped,
         # inter = 0 (sign(inter) = 0) and neither receives a gradient; likewise for the hull, whose mask implies it
         grad_inter = grad_ratio / union
         grad_inter.sub_(grad_union).mul_(torch.sign(inter))
-        grad_i = wh_i.flip(0).mul_(grad_inter)  # d/d (width, height) = (height, width) d/d inter: (2, B, N, M)
-        if grad_giou is not None:
-            grad_c = wh_c.flip(0).mul_(grad_hull)
-        else:
-            grad_c = torch.zeros_like(grad_i)
+        grad_i = _swap_mul(wh_i, grad_inter)  # d/d (width, height) = (height, width) d/d inter: (2, B, N, M)
+        grad_c = _swap_mul(wh_c, grad_hull) if grad_giou is not None else torch.zeros_like(grad_i)
         # Each flipped coordinate enters the intersection through min(p, g) and the enclosing box through
         # max(p, g), and a width's derivative is the coordinate's. Where p < g box p receives grad_i, where
         # p > g grad_c, at a tie half of each (as autograd's min/max): 0.5 (grad_i + grad_c) +
         # 0.5 sign(g - p) (grad_i - grad_c); box g the other share.
-        sign = torch.sign(g[..., None, :] - p[..., :, None]).unflatten(0, (2, 2))  # (corner, axis, B, N, M)
+        sign = (g[..., None, :] - p[..., :, None]).sign_().unflatten(0, (2, 2))  # (corner, axis, B, N, M)
         both = grad_i + grad_c
         odd = sign.mul_(grad_i.sub_(grad_c))
         grads = []
