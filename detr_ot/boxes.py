@@ -55,12 +55,12 @@ def _flipped(boxes: torch.Tensor) -> torch.Tensor:
     return (boxes * boxes.new_tensor(_FLIP)).permute(2, 0, 1).contiguous()
 
 
-def _minus_above(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """-1 where ``x > threshold``, else 0, in ``x``'s dtype: the clamp's backward mask (with a sign), without
+def _above(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """1 where ``x > threshold``, else 0, in ``x``'s dtype: the clamp's backward mask, without
     ``torch.where`` (whose CPU kernel is several times slower than arithmetic on data-dependent masks). In
     floating point ``x - t`` is 0 only at ``x == t``. Computed in place on fresh tensors: on CPU each new
     (B, N, M) buffer costs page faults comparable to the arithmetic."""
-    return (threshold - x).sign_().clamp_(max=0)
+    return (x - threshold).sign_().clamp_(min=0)
 
 
 def _swap_mul(wh: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -114,26 +114,35 @@ class _PairwiseIoUGIoU(torch.autograd.Function):
         # iou = inter / union; giou = iou - (hull - union) / hull, so d giou / d union = 1 / hull and
         # d giou / d hull = -union / hull^2. The clamps pass no gradient at or below their bound (as autograd).
         grad_ratio = grad_giou if grad_iou is None else grad_iou if grad_giou is None else grad_iou + grad_giou
-        grad_union = grad_ratio * iou
-        grad_union.div_(union)  # minus d/d union, until the mask below flips its sign
+        # The minus signs are carried along (neg_ prefix) rather than spent as separate passes.
+        neg_union = grad_ratio * iou
+        neg_union.div_(union)
+        neg_hull = None
         if grad_giou is not None:
             over_hull = grad_giou / hull
-            grad_union.sub_(over_hull)
-            grad_hull = over_hull.mul_(union).div_(hull).mul_(_minus_above(hull_raw, _MIN_AREA))
-        grad_union.mul_(_minus_above(union_raw, _MIN_AREA))
+            neg_union.sub_(over_hull)
+            neg_hull = over_hull.mul_(union).div_(hull)
+        # On CPU, where looking needs no device sync, the masks are skipped when no pair is clamped (the usual case)
+        if union_raw.device.type != "cpu" or bool(union_raw.min() <= _MIN_AREA) or bool(hull_raw.min() <= _MIN_AREA):
+            neg_union.mul_(_above(union_raw, _MIN_AREA))
+            if neg_hull is not None:
+                neg_hull.mul_(_above(hull_raw, _MIN_AREA))
         # union_raw = area1 + area2 - inter; inter = w h with w, h clamped at 0: where either is clamped,
         # inter = 0 (sign(inter) = 0) and neither receives a gradient; likewise for the hull, whose mask implies it
         grad_inter = grad_ratio / union
-        grad_inter.sub_(grad_union).mul_(torch.sign(inter))
+        grad_inter.add_(neg_union).mul_(torch.sign(inter))
         grad_i = _swap_mul(wh_i, grad_inter)  # d/d (width, height) = (height, width) d/d inter: (2, B, N, M)
-        grad_c = _swap_mul(wh_c, grad_hull) if grad_giou is not None else torch.zeros_like(grad_i)
         # Each flipped coordinate enters the intersection through min(p, g) and the enclosing box through
         # max(p, g), and a width's derivative is the coordinate's. Where p < g box p receives grad_i, where
         # p > g grad_c, at a tie half of each (as autograd's min/max): 0.5 (grad_i + grad_c) +
         # 0.5 sign(g - p) (grad_i - grad_c); box g the other share.
         sign = (g[..., None, :] - p[..., :, None]).sign_().unflatten(0, (2, 2))  # (corner, axis, B, N, M)
-        both = grad_i + grad_c
-        odd = sign.mul_(grad_i.sub_(grad_c))
+        if neg_hull is None:  # grad_c = 0
+            both, odd = grad_i, sign.mul_(grad_i)
+        else:
+            neg_c = _swap_mul(wh_c, neg_hull)  # -grad_c
+            both = grad_i - neg_c
+            odd = sign.mul_(grad_i.add_(neg_c))
         grads = []
         for need, box, dim, plus in ((ctx.needs_input_grad[0], p, -1, True), (ctx.needs_input_grad[1], g, -2, False)):
             if not need:
@@ -142,7 +151,7 @@ class _PairwiseIoUGIoU(torch.autograd.Function):
             shared, signed = both.sum(dim), odd.sum(dim)
             coord = (shared + signed if plus else shared - signed).mul_(0.5)  # (corner, axis, B, N)
             # area = (x1 - x0) (y1 - y0): d/d flipped corner = (height, width), the same for both corners
-            coord.add_(grad_union.sum(dim) * (box[2:] + box[:2]).flip(0))
+            coord.sub_(neg_union.sum(dim) * (box[2:] + box[:2]).flip(0))
             grad = coord.flatten(0, 1).permute(1, 2, 0) * box.new_tensor(_FLIP)
             grads.append(grad.to(ctx.dtypes[len(grads)]))
         return grads[0], grads[1]

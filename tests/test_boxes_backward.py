@@ -38,6 +38,7 @@ def degenerate_pairs() -> tuple[torch.Tensor, torch.Tensor]:
             [0.2, 0.2, 0.3, 0.3],  # inside gt 0
             [0.5, 0.5, 0.5, 0.5],  # collapsed to a point
             [0.0, 0.0, 0.0, 0.0],  # collapsed at the origin: zero-area enclosing box with the padded column
+            [0.1, 0.7, 0.6, 0.7],  # a horizontal segment: zero area, yet d area / d y = width is not 0
         ],
         dtype=torch.float64,
     )
@@ -47,6 +48,7 @@ def degenerate_pairs() -> tuple[torch.Tensor, torch.Tensor]:
             [0.5, 0.5, 0.5, 0.5],  # collapsed, equal to pred 4
             [0.65, 0.05, 0.9, 0.3],
             [0.0, 0.0, 0.0, 0.0],  # a padded column
+            [0.2, 0.7, 0.9, 0.7],  # a segment on the same line as pred 6: union and hull clamped, widths not 0
         ],
         dtype=torch.float64,
     )
@@ -90,7 +92,7 @@ def test_gradients_at_ties_and_clamps_follow_autograds_convention() -> None:
     finite even where 0 / 0 is guarded."""
     pred, gt = degenerate_pairs()
     gen = torch.Generator().manual_seed(2)
-    w_iou, w_giou = (torch.randn(1, 6, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+    w_iou, w_giou = (torch.randn(1, 7, 5, generator=gen, dtype=torch.float64) for _ in range(2))
     _, ours = grads(pairwise_iou_giou, pred, gt, w_iou, w_giou)
     _, ref = grads(_reference_iou_giou, pred, gt, w_iou, w_giou)
     for x, y in zip(ours, ref, strict=True):
