@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train or evaluate a DETR.
 
-    python tools/train.py [--config configs/shapes.yaml] [--output-dir D] [--resume P] [--eval-only]
+    python tools/train.py [--config configs/shapes_deformable.yaml] [--output-dir D] [--resume P] [--eval-only]
                           [--device cpu|cuda] [key=value ...]
 
 ``key=value`` overrides any config field, e.g. ``matcher.name=sinkhorn optim.lr=2e-4``. Works unchanged
@@ -30,12 +30,14 @@ from detr_ot.engine.trainer import NonFiniteLossError, run  # noqa: E402
 from detr_ot.matching import NonFiniteCostError  # noqa: E402
 from detr_ot.models import BackboneWeightsError  # noqa: E402
 
-DEFAULT_CONFIG = ROOT / "configs" / "shapes.yaml"
+DEFAULT_CONFIG = ROOT / "configs" / "shapes_deformable.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/shapes.yaml)")
+    parser.add_argument(
+        "--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/shapes_deformable.yaml)"
+    )
     parser.add_argument("--output-dir", help="where logs, TensorBoard and checkpoints go (config: output_dir)")
     parser.add_argument("--resume", help="checkpoint to resume from (default: <output_dir>/checkpoint.pth if any)")
     parser.add_argument("--eval-only", action="store_true", help="evaluate the (resumed) model and exit")
