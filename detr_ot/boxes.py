@@ -123,7 +123,9 @@ class _PairwiseIoUGIoU(torch.autograd.Function):
             neg_union.sub_(over_hull)
             neg_hull = over_hull.mul_(union).div_(hull)
         # On CPU, where looking needs no device sync, the masks are skipped when no pair is clamped (the usual case)
-        if union_raw.device.type != "cpu" or bool(union_raw.min() <= _MIN_AREA) or bool(hull_raw.min() <= _MIN_AREA):
+        if union_raw.device.type != "cpu" or (
+            union_raw.numel() > 0 and (bool(union_raw.min() <= _MIN_AREA) or bool(hull_raw.min() <= _MIN_AREA))
+        ):
             neg_union.mul_(_above(union_raw, _MIN_AREA))
             if neg_hull is not None:
                 neg_hull.mul_(_above(hull_raw, _MIN_AREA))

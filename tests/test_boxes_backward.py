@@ -199,3 +199,15 @@ def test_pairwise_terms_under_autocast_match_the_plain_run() -> None:
     for x, y in zip(*results, strict=True):
         assert x.dtype == torch.float32
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shapes", [((2, 3), (2, 0)), ((2, 0), (2, 4)), ((0, 3), (0, 2))])
+def test_empty_inputs(shapes: tuple[tuple[int, int], tuple[int, int]]) -> None:
+    """Images without ground truths (M = 0), no queries, an empty batch: empty outputs and zero gradients."""
+    (b, n), (_, m) = shapes
+    b1 = torch.rand(b, n, 4, dtype=torch.float64, requires_grad=True)
+    b2 = torch.rand(b, m, 4, dtype=torch.float64, requires_grad=True)
+    iou, giou = pairwise_iou_giou(b1, b2)
+    assert iou.shape == giou.shape == (b, n, m)
+    g1, g2 = torch.autograd.grad((iou + giou).sum(), (b1, b2))
+    assert torch.equal(g1, torch.zeros_like(b1)) and torch.equal(g2, torch.zeros_like(b2))
