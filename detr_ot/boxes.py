@@ -29,7 +29,8 @@ def pairwise_iou_giou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> tuple[torch
     broadcast intermediates, and differentiates both outputs in one pass. At ties of the min/max it splits the
     gradient evenly between the two boxes and at the clamps it passes none, as autograd does. Both inputs are
     promoted to a common dtype (as autograd's broadcasting would); the gradients come back in each input's
-    dtype. First-order only: a second derivative raises.
+    dtype. The backward sums in another order than autograd's (equal to rounding: tested to 1e-10 in float64).
+    First-order only: a second derivative raises.
     """
     for name, boxes in (("boxes1", boxes1), ("boxes2", boxes2)):
         if boxes.dim() != 3 or boxes.shape[-1] != 4:
@@ -130,7 +131,8 @@ class _PairwiseIoUGIoU(torch.autograd.Function):
             if neg_hull is not None:
                 neg_hull.mul_(_above(hull_raw, _MIN_AREA))
         # union_raw = area1 + area2 - inter; inter = w h with w, h clamped at 0: where either is clamped,
-        # inter = 0 (sign(inter) = 0) and neither receives a gradient; likewise for the hull, whose mask implies it
+        # inter = 0 (sign(inter) = 0) and neither receives a gradient; likewise for the hull, whose mask implies it.
+        # (Sides so small that their product underflows to 0 are treated as clamped too.)
         grad_inter = grad_ratio / union
         grad_inter.add_(neg_union).mul_(torch.sign(inter))
         grad_i = _swap_mul(wh_i, grad_inter)  # d/d (width, height) = (height, width) d/d inter: (2, B, N, M)
