@@ -18,7 +18,6 @@ def solve_hungarian(cost: torch.Tensor, gt_mask: torch.Tensor) -> torch.Tensor:
     One device-to-host copy for the whole padded batch; scipy's ``linear_sum_assignment`` (Crouse's
     shortest augmenting path) on each image's own Q x M_b block; one host-to-device copy back.
     """
-    batch, queries, m = cost.shape
     counts = gt_mask.sum(1).tolist()
     blocks = cost.detach().to("cpu", torch.float64).numpy()
     rows_b, rows_q, cols = [], [], []
@@ -29,6 +28,16 @@ def solve_hungarian(cost: torch.Tensor, gt_mask: torch.Tensor) -> torch.Tensor:
         rows_b.append(np.full(len(q_idx), b))
         rows_q.append(q_idx)
         cols.append(g_idx)
+    return hard_plan(cost, rows_b, rows_q, cols)
+
+
+def hard_plan(
+    cost: torch.Tensor, rows_b: list[np.ndarray], rows_q: list[np.ndarray], cols: list[np.ndarray]
+) -> torch.Tensor:
+    """The hard plan B x Q x (M+1) of ``cost``'s shape and dtype, on its device, from per-image arrays of matched
+    (image, query, ground truth) indices: a 1 at ``(b, q, g + 1)`` for every match, at column 0 (background)
+    for every query left unmatched. Built on the host, copied to the device once."""
+    batch, queries, m = cost.shape
     plan = torch.zeros(batch, queries, m + 1, dtype=cost.dtype)
     plan[..., 0] = 1
     if rows_b:

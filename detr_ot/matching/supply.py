@@ -35,7 +35,7 @@ from scipy.optimize import linear_sum_assignment
 
 from detr_ot.matching.assignment import Assignment
 from detr_ot.matching.base import MATCHERS, Matcher
-from detr_ot.matching.hungarian import solve_hungarian
+from detr_ot.matching.hungarian import hard_plan, solve_hungarian
 from detr_ot.matching.pairwise import CostWeights, PairwiseTerms, matching_cost
 
 _SUPPLIES = ("one", "fixed", "dynamic")
@@ -119,7 +119,6 @@ def solve_one_to_many(cost: torch.Tensor, k: torch.Tensor, gt_mask: torch.Tensor
     One device-to-host copy, scipy on each image's cost with column j repeated k_j times, one copy back."""
     if bool((k <= 1).all()):
         return solve_hungarian(cost, gt_mask & (k > 0))
-    batch, queries, m = cost.shape
     counts = gt_mask.sum(1).tolist()
     blocks = cost.detach().to("cpu", torch.float64).numpy()
     reps = k.detach().cpu().numpy()
@@ -132,15 +131,7 @@ def solve_one_to_many(cost: torch.Tensor, k: torch.Tensor, gt_mask: torch.Tensor
         rows_b.append(np.full(len(q_idx), b))
         rows_q.append(q_idx)
         cols.append(replica[r_idx])
-    plan = torch.zeros(batch, queries, m + 1, dtype=cost.dtype)
-    plan[..., 0] = 1
-    if rows_b:
-        bi = torch.from_numpy(np.concatenate(rows_b))
-        qi = torch.from_numpy(np.concatenate(rows_q))
-        gi = torch.from_numpy(np.concatenate(cols))
-        plan[bi, qi, 0] = 0
-        plan[bi, qi, gi + 1] = 1
-    return plan.to(cost.device, non_blocking=True)
+    return hard_plan(cost, rows_b, rows_q, cols)
 
 
 @dataclass
