@@ -310,3 +310,34 @@ def test_no_graph_scaling_form_equals_log_domain_iterations(dtype, dynamic_range
         with torch.no_grad():
             plan = sinkhorn_log(cost.to(dtype), rows.to(dtype), cols.to(dtype), None, eps, 10_000, tol=1e-4)
         assert (plan.double().sum(1) - cols).abs().max() < 1e-4
+
+
+def test_no_graph_scaling_form_with_masked_columns_equals_log_domain():
+    """The scaling form zeroes masked columns in its kernel once: padded columns holding inf, NaN or huge costs
+    and a real column of zero supply change nothing, across absorptions (iters > 100), with the tolerance stop;
+    reference: the float64 log domain with autograd recording, on the same padded problem."""
+    g = torch.Generator().manual_seed(5)
+    cost = torch.rand(4, 30, 7, generator=g, dtype=torch.float64)
+    col_mask = torch.ones(4, 7, dtype=torch.bool)
+    col_mask[1, 5:] = False
+    col_mask[2, 3:] = False
+    cost[1, :, 5] = math.inf
+    cost[1, :, 6] = math.nan
+    cost[2, :, 3:] = -1e30
+    k = torch.randint(1, 4, (4, 6), generator=g).double()
+    k[3, 2] = 0.0  # a real column of zero supply carries no mass either
+    k = torch.where(col_mask[:, 1:], k, torch.zeros_like(k))
+    cols = torch.cat([30 - k.sum(1, keepdim=True), k], 1)
+    rows = torch.ones(4, 30, dtype=torch.float64)
+    eps = 0.05
+    for iters in (1, 120):
+        ref = sinkhorn_log(cost.clone().requires_grad_(True), rows, cols, col_mask, eps, iters).detach()
+        with torch.no_grad():
+            plan = sinkhorn_log(cost, rows, cols, col_mask, eps, iters)
+        assert torch.isfinite(ref).all() and torch.isfinite(plan).all()
+        assert (plan - ref).abs().max() < 1e-11
+        assert (plan[~(col_mask & (cols > 0))[:, None, :].expand_as(plan)] == 0).all()
+    with torch.no_grad():
+        plan = sinkhorn_log(cost.float(), rows.float(), cols.float(), col_mask, eps, 10_000, tol=1e-4)
+    assert (plan.double().sum(1) - cols).abs().max() < 1e-4
+    assert (plan[~(col_mask & (cols > 0))[:, None, :].expand_as(plan)] == 0).all()

@@ -116,12 +116,12 @@ def sinkhorn_log(
     graph = torch.is_grad_enabled() and cost.requires_grad
     dtype, scaling = _iteration_dtype(cost, col_mask, epsilon, graph)
     cost = cost.to(dtype)
-    log_k = log_kernel(cost, col_mask, epsilon)
     a = row_marginals.to(dtype)
     b = torch.where(col_mask, col_marginals.to(dtype), 0)
     if scaling:
-        with torch.no_grad():
-            return _scaling_iterations(log_k, a, b, col_mask, iters, tol, check_every).to(out_dtype)
+        with torch.no_grad():  # -C/eps on every column: the kernel zeroes the masked ones itself
+            return _scaling_iterations(cost / -epsilon, a, b, col_mask, iters, tol, check_every).to(out_dtype)
+    log_k = log_kernel(cost, col_mask, epsilon)
     floor = _exp_floor(dtype)
     log_k_t = log_k.transpose(1, 2).contiguous()  # the column update reduces over a contiguous last dim
     log_a = a.log()
@@ -142,7 +142,7 @@ def sinkhorn_log(
 
 
 def _scaling_iterations(
-    log_k: torch.Tensor,
+    neg_cost: torch.Tensor,
     a: torch.Tensor,
     b: torch.Tensor,
     col_mask: torch.Tensor,
@@ -150,28 +150,40 @@ def _scaling_iterations(
     tol: float,
     check_every: int,
 ) -> torch.Tensor:
-    """The iterations of :func:`sinkhorn_log` in scaling form (no graph): the log-potentials ``u``, ``v`` live
-    in the kernel ``G = exp(log K + u + v)``, the scalings ``su``, ``sv`` (both 1 after an absorption) are
-    updated by ``sv = b / (G^T su)``, ``su = a / (G sv)``, which is ``v += log sv``, ``u += log su``."""
-    floor = _exp_floor(log_k.dtype)
-    tiny = torch.finfo(log_k.dtype).tiny
-    u = torch.zeros_like(a)
-    v = torch.zeros_like(b)
-    su, sv = torch.ones_like(a), torch.ones_like(b)
-    kernel = kernel_t = None
+    """The iterations of :func:`sinkhorn_log` in scaling form (no graph) on ``neg_cost = -C / eps``: the
+    log-potentials ``u``, ``v`` live in the kernel ``G = exp(-C/eps + u + v)`` (masked columns 0), the scalings
+    ``su``, ``sv`` (both 1 after an absorption) are updated by ``sv = b / (G^T su)``, ``su = a / (G sv)``, which
+    is ``v += log sv``, ``u += log su``. Everything per iteration writes into buffers allocated once: the
+    iterations are tiny, so the number of operator calls, not arithmetic, sets their cost."""
+    batch, q, n = neg_cost.shape
+    floor = _exp_floor(neg_cost.dtype)
+    tiny = torch.finfo(neg_cost.dtype).tiny
+    hidden = ~col_mask[:, None, :]
+    # Row vectors (B x 1 x len): G^T su as (1 x Q) @ (Q x N) and G sv as (1 x N) @ (N x Q), the fast batched
+    # matrix-vector shape; masked columns have b = 0, hence sv = 0 exactly, and zero kernel columns.
+    a_row, b_row = a.reshape(batch, 1, q), b.reshape(batch, 1, n)
+    su, sv = torch.ones_like(a_row), torch.ones_like(b_row)
+    col_sums, row_sums = torch.empty_like(b_row), torch.empty_like(a_row)
+    u = v = None
+    kernel = kernel_t = neg_cost
     for it in range(iters):
         if it % _ABSORB_EVERY == 0:
             if it:
-                u, v = u + su.log(), torch.where(col_mask, v + sv.log(), v)
-                su, sv = torch.ones_like(su), torch.ones_like(sv)
-            kernel = plan_from_potentials(log_k, u, v, col_mask, floor)
+                u = su.log().view(batch, q, 1) if u is None else u + su.log().view(batch, q, 1)
+                v = (sv.log() if v is None else v + sv.log()).masked_fill_(hidden, 0)
+                su.fill_(1.0)
+                sv.fill_(1.0)
+                kernel = (neg_cost + u + v).clamp_min_(floor)
+            else:
+                kernel = neg_cost.clamp_min(floor)
+            kernel = kernel.exp_().masked_fill_(hidden, 0)
             kernel_t = kernel.transpose(1, 2).contiguous()
-        # G^T su as (1 x Q) @ (Q x N) and G sv as (1 x N) @ (N x Q): a row vector times a matrix is the fast
-        # batched matrix-vector shape. Masked columns have b = 0, hence sv = 0, and zero kernel columns.
-        sv = b / torch.bmm(su[:, None, :], kernel).squeeze(1).clamp_min_(tiny)
-        su = a / torch.bmm(sv[:, None, :], kernel_t).squeeze(1)
+        torch.bmm(su, kernel, out=col_sums)
+        torch.div(b_row, col_sums.clamp_min_(tiny), out=sv)
+        torch.bmm(sv, kernel_t, out=row_sums)
+        torch.div(a_row, row_sums, out=su)
         if tol > 0 and it % check_every == 0:
-            cols = torch.bmm(su[:, None, :], kernel).squeeze(1) * sv
-            if float(torch.where(col_mask, cols - b, 0).abs().amax()) < tol:
+            cols = torch.bmm(su, kernel) * sv
+            if float((cols - b_row).masked_fill_(hidden, 0).abs().amax()) < tol:
                 break
-    return kernel * su[:, :, None] * sv[:, None, :]
+    return kernel.mul_(su.view(batch, q, 1)).mul_(sv)
