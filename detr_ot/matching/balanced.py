@@ -158,6 +158,7 @@ def _scaling_iterations(
     batch, q, n = neg_cost.shape
     floor = _exp_floor(neg_cost.dtype)
     tiny = torch.finfo(neg_cost.dtype).tiny
+    ceiling = math.log(torch.finfo(neg_cost.dtype).max) / 2  # far above the range the scaling form accepts
     hidden = ~col_mask[:, None, :]
     # Row vectors (B x 1 x len): G^T su as (1 x Q) @ (Q x N) and G sv as (1 x N) @ (N x Q), the fast batched
     # matrix-vector shape; masked columns have b = 0, hence sv = 0 exactly, and zero kernel columns.
@@ -173,10 +174,10 @@ def _scaling_iterations(
                 v = (sv.log() if v is None else v + sv.log()).masked_fill_(hidden, 0)
                 su.fill_(1.0)
                 sv.fill_(1.0)
-                kernel = (neg_cost + u + v).clamp_min_(floor)
-            else:
-                kernel = neg_cost.clamp_min(floor)
-            kernel = kernel.exp_().masked_fill_(hidden, 0)
+                kernel = (neg_cost + u + v).clamp_min_(floor).exp_().masked_fill_(hidden, 0)
+            else:  # masked columns may hold inf or NaN: bounded, then zeroed by a multiplication (the real
+                # entries, within the scaling form's range, are untouched by the upper bound and the NaN fill)
+                kernel = neg_cost.clamp(floor, ceiling).nan_to_num_(0.0).exp_().mul_(col_mask[:, None, :])
             kernel_t = kernel.transpose(1, 2).contiguous()
         torch.bmm(su, kernel, out=col_sums)
         torch.div(b_row, col_sums.clamp_min_(tiny), out=sv)

@@ -195,14 +195,13 @@ def _sinkhorn_pot(
 def _cost_scale(cost: torch.Tensor, gt_mask: torch.Tensor, how: str) -> torch.Tensor:
     """Per-image normaliser (B,) of the detached cost over its real entries (1 when ``how == 'none'`` or the
     image has no ground truth)."""
-    c = cost.detach().abs()
-    keep = gt_mask[:, None, :].expand_as(c)
     if how == "none":
-        return torch.ones(c.shape[0], dtype=c.dtype, device=c.device)
+        return torch.ones(cost.shape[0], dtype=cost.dtype, device=cost.device)
+    c = torch.where(gt_mask[:, None, :], cost.detach().abs(), 0).flatten(1)  # B x (Q * M), real entries kept
     if how == "max":
-        scale = torch.where(keep, c, torch.zeros_like(c)).amax(dim=(1, 2))
+        scale = c.amax(1)
     else:
-        scale = torch.where(keep, c, torch.zeros_like(c)).sum(dim=(1, 2)) / keep.sum(dim=(1, 2)).clamp_min(1)
+        scale = c.sum(1) / (gt_mask.sum(1) * cost.shape[1]).clamp_min(1)
     scale = torch.where(gt_mask.any(1), scale, torch.ones_like(scale))
     return scale.clamp_min(torch.finfo(c.dtype).tiny ** 0.5)
 
