@@ -341,3 +341,23 @@ def test_no_graph_scaling_form_with_masked_columns_equals_log_domain():
         plan = sinkhorn_log(cost.float(), rows.float(), cols.float(), col_mask, eps, 10_000, tol=1e-4)
     assert (plan.double().sum(1) - cols).abs().max() < 1e-4
     assert (plan[~(col_mask & (cols > 0))[:, None, :].expand_as(plan)] == 0).all()
+
+
+def test_iteration_dtype_ignores_padded_columns():
+    """The range check that selects the scaling form reads real entries only: inf, NaN or huge padded costs do
+    not push a small-range problem off it, while a large real entry does (float64, then the log domain)."""
+    from detr_ot.matching.balanced import _iteration_dtype
+
+    cost = torch.rand(2, 5, 4)
+    col_mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    for pad in (math.inf, -math.inf, math.nan, 1e30):
+        padded = cost.clone()
+        padded[0, :, 2:] = pad
+        assert _iteration_dtype(padded, col_mask, 0.05, graph=False) == (torch.float32, True)
+    padded = cost.clone()
+    padded[1, 3, 0] = 100 * 0.05  # a real entry: max|C| / eps = 100, beyond float32's scaling range
+    assert _iteration_dtype(padded, col_mask, 0.05, graph=False) == (torch.float64, True)
+    padded[1, 3, 0] = 1e4 * 0.05
+    assert _iteration_dtype(padded, col_mask, 0.05, graph=False) == (torch.float32, False)
+    padded[1, 3, 0] = math.inf
+    assert _iteration_dtype(padded, col_mask, 0.05, graph=False) == (torch.float64, False)

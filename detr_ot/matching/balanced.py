@@ -72,7 +72,13 @@ def _iteration_dtype(
     dtype = torch.float32 if cost.dtype in (torch.float16, torch.bfloat16) else cost.dtype
     if cost.numel() == 0:
         return dtype, False
-    dynamic_range = float(torch.where(col_mask[:, None, :], cost.detach().abs(), 0).amax()) / epsilon + extra
+    magnitude = cost.detach().abs()
+    # |C| times the mask is exact on real entries and 0 on finite padded ones (cheaper than a broadcast where);
+    # inf or NaN, from a padded entry or a real one, falls back to the where, which ignores the padded ones
+    largest = float(magnitude.mul(col_mask[:, None, :]).amax())
+    if not math.isfinite(largest):
+        largest = float(torch.where(col_mask[:, None, :], magnitude, 0).amax())
+    dynamic_range = largest / epsilon + extra
     if not graph and dynamic_range <= _KERNEL_RANGE.get(dtype, 0.0):
         return dtype, True
     if not graph and dynamic_range <= _KERNEL_RANGE[torch.float64]:  # the scaling form in float64 is still

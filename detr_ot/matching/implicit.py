@@ -90,11 +90,11 @@ def implicit_plan_vjp(
     rows sum to zero in the balanced case) costs the least."""
     p = plan.detach()
     g = grad_plan.to(p.dtype)
-    real = p.sum(1) > 0  # columns that carry mass (padded and zero-supply columns do not)
     gp = g * p
     alpha, beta = gp.sum(2), gp.sum(1)  # B x Q, B x N
     a = p.sum(2).clamp_min(torch.finfo(p.dtype).tiny)
     b = p.sum(1)
+    real = b > 0  # columns that carry mass (padded and zero-supply columns do not)
     pa = p / a[:, :, None]
     relax = 1.0 if math.isinf(tau) else 1.0 + epsilon / tau
     schur = (torch.diag_embed(b * relax) - torch.bmm(p.transpose(1, 2), pa)).double()  # B x N x N
