@@ -105,7 +105,8 @@ def build_criterion(cfg: Config, num_classes: int) -> SetCriterion | HybridCrite
 
 
 def build_postprocess(cfg: Config) -> PostProcess:
-    return PostProcess(sigmoid=head_type(cfg) == "sigmoid", num_select=100)
+    return PostProcess(sigmoid=head_type(cfg) == "sigmoid", num_select=cfg.model.num_select,
+                       nms_iou=cfg.model.nms_iou)
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:

@@ -97,6 +97,8 @@ class ModelConfig:
     anchor_sigma: float = 0.0  # anchor queries: Gaussian attention prior, std = sigma * anchor w/h (0: none)
     aux_loss: bool = True
     head: str = "auto"  # auto | softmax | sigmoid  (auto: what the classification loss needs)
+    num_select: int = 100  # detections kept per image at evaluation (sigmoid head: top (query, class) pairs)
+    nms_iou: float = 0.0  # > 0: class-wise NMS at this IoU at evaluation (one-to-many training; 0: none)
     arch: str = "detr"  # detr | deformable (multi-scale Deformable DETR family, detr_ot/models/deformable.py)
     # arch=deformable only:
     num_feature_levels: int = 4  # backbone levels (at most its last 3) + extra stride-2 levels

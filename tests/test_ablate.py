@@ -282,6 +282,24 @@ def test_interrupted_run_is_resumed(env, capsys) -> None:
     assert "launching:" in log and "resuming:" in log  # stdout.log is appended, not overwritten
 
 
+def test_interrupted_runs_resume_before_new_ones(env, capsys) -> None:
+    """A cut-short ablation completes the runs it had begun before it opens new ones (seed-major otherwise)."""
+    one = base_args(env, "--grid", "matcher.name=hungarian", "--seeds", "1", "--no-plots",
+                    "--extra", "fake.crash_once_after=0")
+    assert cli.main(one) == 1  # seed 1 interrupted after its first epoch
+    capsys.readouterr()
+    both = base_args(env, "--grid", "matcher.name=hungarian,sinkhorn", "--seeds", "0", "1", "--no-plots")
+    assert cli.main(both) == 0
+    launches = [ln.split()[1:3] for ln in capsys.readouterr().out.splitlines()
+                if ln.startswith(("[ablate] resume ", "[ablate] start "))]
+    assert launches == [
+        ["resume", "matcher.name=hungarian__seed=1"],
+        ["start", "matcher.name=hungarian__seed=0"],
+        ["start", "matcher.name=sinkhorn__seed=0"],
+        ["start", "matcher.name=sinkhorn__seed=1"],
+    ]
+
+
 def test_gpus_and_progress(env, capsys) -> None:
     args = base_args(
         env,

@@ -478,6 +478,63 @@ def test_postprocess_box_scaling_by_hand() -> None:
         PostProcess(sigmoid=False)({"pred_logits": torch.zeros(2, 1, 3), "pred_boxes": boxes}, sizes[:1])
 
 
+def _greedy_nms_reference(scores: list[float], labels: list[int], boxes: list[list[float]], iou: float) -> list[int]:
+    """Textbook greedy NMS, one class at a time: indices kept, in input order."""
+
+    def overlap(a: list[float], b: list[float]) -> float:
+        iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        inter = iw * ih
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+        return inter / union
+
+    kept: list[int] = []
+    for i in sorted(range(len(scores)), key=lambda i: -scores[i]):
+        if all(labels[j] != labels[i] or overlap(boxes[i], boxes[j]) <= iou for j in kept):
+            kept.append(i)
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("sigmoid", [False, True])
+@pytest.mark.parametrize("nms_iou", [0.3, 0.7])
+def test_postprocess_nms_matches_greedy_reference(sigmoid: bool, nms_iou: float) -> None:
+    """Duplicates (jittered copies of a few boxes, as a one-to-many-trained model predicts) are suppressed per
+    image and class exactly as textbook greedy NMS does; without NMS nothing changes."""
+    g = torch.Generator().manual_seed(7)
+    B, Q, K = 3, 24, 3
+    centres = torch.rand(B, 4, 4, generator=g, dtype=torch.float64) * 0.5 + 0.25
+    boxes = centres.repeat_interleave(6, dim=1) + 0.04 * torch.randn(B, Q, 4, generator=g, dtype=torch.float64)
+    boxes[..., 2:] = boxes[..., 2:].abs() * 0.5 + 0.05
+    outputs = {
+        "pred_logits": torch.randn(B, Q, K + (0 if sigmoid else 1), generator=g, dtype=torch.float64),
+        "pred_boxes": boxes,
+    }
+    sizes = torch.tensor([[480, 640], [100, 300], [64, 64]])
+    plain = PostProcess(sigmoid=sigmoid, num_select=30)(outputs, sizes)
+    suppressed = PostProcess(sigmoid=sigmoid, num_select=30, nms_iou=nms_iou)(outputs, sizes)
+    removed = 0
+    for p, s in zip(plain, suppressed, strict=True):
+        keep = _greedy_nms_reference(p["scores"].tolist(), p["labels"].tolist(), p["boxes"].tolist(), nms_iou)
+        removed += len(p["scores"]) - len(keep)
+        for key in ("scores", "labels", "boxes"):
+            assert torch.equal(s[key], p[key][keep]), key
+    assert removed > 0  # the case exercises suppression
+
+
+def test_postprocess_nms_by_hand() -> None:
+    """Same class and IoU 0.81 > 0.7: the lower score goes; another class, or IoU 0.64 <= 0.7, stays."""
+    boxes = torch.tensor([[[0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.45, 0.45], [0.5, 0.5, 0.4, 0.4],
+                           [0.5, 0.5, 0.45, 0.45]]], dtype=torch.float64)
+    logits = torch.tensor([[[4.0, -9.0], [3.0, -9.0], [2.0, -9.0], [-9.0, 1.0]]], dtype=torch.float64)
+    res = PostProcess(sigmoid=True, num_select=4, nms_iou=0.7)(
+        {"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 100]])
+    )[0]
+    assert res["labels"].tolist() == [0, 0, 1]  # query 1 (IoU 0.81 with query 0) removed
+    assert res["boxes"][:, 2].tolist() == pytest.approx([75.0, 70.0, 72.5])
+    with pytest.raises(ValueError, match="nms_iou"):
+        PostProcess(sigmoid=True, nms_iou=1.5)
+
+
 # --------------------------------------------------------------------------- (f) unusual ground truth
 # Annotation files from other tools: every backend either gives pycocotools' numbers on the same detections
 # or fails when the evaluator's ground truth is prepared (start-up), naming the file and the field.

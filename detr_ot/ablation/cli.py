@@ -14,7 +14,7 @@ the variants form one more grid axis, crossed with the --grid axes. GRID holds a
 overrides, with <name> = "k1=v1__k2=v2__seed=S" (characters outside [A-Za-z0-9._=+,-] replaced by '-'), so TensorBoard
 pointed at ROOT/tb overlays all variants. ROOT/<name>/overrides.json records the variant before it starts
 and ROOT/<name>/stdout.log receives its output. Runs with finished.json are skipped; interrupted runs are
-simply re-launched (train.py resumes from its checkpoint). Order: every variant of the first seed, then the
+re-launched first (train.py resumes from its checkpoint). Then, in order: every variant of the first seed, then the
 next seed.
 
 Parallelism: --jobs N runs N at a time (without --gpus each gets OMP_NUM_THREADS = cores / N unless that

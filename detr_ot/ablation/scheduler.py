@@ -148,7 +148,7 @@ class Scheduler:
         print("[ablate] ---", flush=True)
 
     def run(self) -> int:
-        """Run every pending job; 0 if all finished or were skipped, 1 if any failed, 130 on Ctrl-C (the
+        """Run every pending job, interrupted ones first; 0 if all finished or were skipped, 1 if any failed, 130 on Ctrl-C (the
         running jobs are stopped and marked interrupted; running the same ablation again resumes them)."""
         for job in self.jobs:
             if (job.dir / "finished.json").is_file():
@@ -156,7 +156,10 @@ class Scheduler:
                 job.last_epoch, job.last_ap = last_progress(job.dir)
                 print(f"[ablate] skip {job.name} (finished.json present)")
         self.write_summary()
-        pending = deque(j for j in self.jobs if j.status == "pending")
+        # interrupted runs first (in plan order), then the runs not started yet: an ablation cut short
+        # completes the runs it had begun before it opens new ones
+        waiting = [j for j in self.jobs if j.status == "pending"]
+        pending = deque(sorted(waiting, key=lambda j: not has_started(j.dir)))
         running: dict[int, tuple[Job, subprocess.Popen[bytes], IO[bytes], float]] = {}
         last_report = time.monotonic()
         try:
