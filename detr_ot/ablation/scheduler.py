@@ -148,8 +148,9 @@ class Scheduler:
         print("[ablate] ---", flush=True)
 
     def run(self) -> int:
-        """Run every pending job, interrupted ones first; 0 if all finished or were skipped, 1 if any failed, 130 on Ctrl-C (the
-        running jobs are stopped and marked interrupted; running the same ablation again resumes them)."""
+        """Run every pending job, interrupted ones first; 0 if all finished or were skipped, 1 if any failed,
+        130 on Ctrl-C (the running jobs are stopped and marked interrupted; running the same ablation again
+        resumes them)."""
         for job in self.jobs:
             if (job.dir / "finished.json").is_file():
                 job.status = "skipped"
