@@ -168,6 +168,9 @@ class TrainConfig:
     amp: bool = False  # mixed precision on CUDA
     print_freq: int = 50
     max_iters_per_epoch: int = 0  # 0: the whole dataset
+    # torch intra-op CPU threads per process (torch.set_num_threads); 0: PyTorch's default (OMP_NUM_THREADS, else
+    # one per core). The tiny CPU presets use 1: their ops are too small to pay for waking a second thread
+    threads: int = 0
     # hotcoco (default: pycocotools' numbers bit for bit, ~140x faster) | faster_coco_eval (to 1e-12, 6-10x
     # faster) | pycocotools (the reference); 5000 images, 2 CPU cores, tools/bench_eval.py (README)
     eval_backend: str = "hotcoco"
