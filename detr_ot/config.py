@@ -175,6 +175,10 @@ class TrainConfig:
     # faster) | pycocotools (the reference); 5000 images, 2 CPU cores, tools/bench_eval.py (README)
     eval_backend: str = "hotcoco"
 
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"train.threads={self.threads}: use 0 (PyTorch's default) or a positive count")
+
 
 @dataclass
 class LogConfig:

@@ -161,6 +161,14 @@ def test_type_errors_name_the_key(override: str, key: str) -> None:
         load_config(SHAPES_YAML, [override])
 
 
+def test_threads_key() -> None:
+    """The tiny presets run one torch thread (README: faster on 2 cores); a negative count is refused."""
+    assert load_config(SHAPES_YAML, []).train.threads == 1
+    assert load_config(SHAPES_YAML, ["train.threads=0"]).train.threads == 0
+    with pytest.raises(ConfigError, match=r"train\.threads=-1"):
+        load_config(SHAPES_YAML, ["train.threads=-1"])
+
+
 # ------------------------------------------------------------------------------------------ registry options
 @dataclasses.dataclass
 class _ToyOptions:

@@ -191,8 +191,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def run(cfg: Config, resume: str | None = None, eval_only: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train (or only evaluate) as configured. Resumes from ``resume`` or ``<output_dir>/checkpoint.pth``."""
-    if cfg.train.threads < 0:
-        raise ConfigError(f"train.threads={cfg.train.threads}: use 0 (PyTorch's default) or a positive count")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = dist.init_from_env(cfg.device)
