@@ -405,9 +405,11 @@ def _draw(ax: Any, variants: Sequence[Variant], metric: str, x: str, band: str) 
         c = variant_curve(v, metric, x=x, band=band)
         if not len(c.epochs):  # metric not logged by every seed on a common epoch: nothing to draw
             continue
-        color = f"C{i % 10}"
-        marker = "o" if len(c.epochs) <= 30 else None
-        ax.plot(c.x, c.mean, color=color, marker=marker, markersize=3, linewidth=1.5, label=v.label)
+        color = f"C{i % 10}"  # 10 colours, then the next 10 variants dashed, then dotted (with other markers)
+        cycle = (i // 10) % 3
+        linestyle, marker = ("-", "--", ":")[cycle], (("o", "s", "^")[cycle] if len(c.epochs) <= 30 else None)
+        ax.plot(c.x, c.mean, color=color, linestyle=linestyle, marker=marker, markersize=3, linewidth=1.5,
+                label=v.label)
         if len(v.runs) > 1:
             ax.fill_between(c.x, c.lo, c.hi, color=color, alpha=0.2, linewidth=0, label=f"_band {v.label}")
     if metric in METRICS and ax.lines and all(np.isnan(ln.get_ydata()).all() for ln in ax.lines):

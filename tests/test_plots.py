@@ -380,3 +380,28 @@ def test_pycocotools_minus_one_is_undefined(tmp_path: Path) -> None:
     (row,) = variant_table(group_runs(load_runs([tmp_path])))
     assert row["best_ap"] is None and row["best_epoch"] is None and row["final_ap"] is None
     assert row["reach_epoch"] is None and row["final_ap50"] == 0.5
+
+
+def test_many_variants_stay_distinguishable(tmp_path: Path) -> None:
+    """Past 10 variants the colours repeat, so the line style (and marker) changes: no two curves look alike."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _draw, group_runs, load_runs = plots._draw, plots.group_runs, plots.load_runs
+
+    variants = []
+    for i in range(23):
+        d = tmp_path / f"v{i:02d}__seed=0"
+        d.mkdir()
+        (d / "log.txt").write_text(
+            "".join(json.dumps({"epoch": e, "test_coco_eval_bbox": [0.01 * (i + e)] + [0.0] * 11}) + "\n"
+                    for e in range(3))
+        )
+        variants.extend(group_runs(load_runs([d])))
+    fig, ax = plt.subplots()
+    _draw(ax, variants, "AP", "epoch", "minmax")
+    looks = [(ln.get_color(), ln.get_linestyle(), ln.get_marker()) for ln in ax.lines]
+    plt.close(fig)
+    assert len(looks) == 23 and len(set(looks)) == 23
