@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -298,6 +301,38 @@ def test_interrupted_runs_resume_before_new_ones(env, capsys) -> None:
         ["start", "matcher.name=sinkhorn__seed=0"],
         ["start", "matcher.name=sinkhorn__seed=1"],
     ]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_runs_and_resume_completes_them(env, signum: int) -> None:
+    """A batch system's SIGTERM (or SIGINT, even where a background shell ignores it) stops the running
+    variants, marks them interrupted and exits 128 + signal; the same command then resumes them."""
+    args = base_args(env, "--grid", "matcher.name=hungarian,sinkhorn", "--jobs", "2", "--no-plots",
+                     "--extra", "fake.sleep=1", "train.epochs=30")
+    cmd = [sys.executable, str(ROOT / "tools" / "ablate.py"), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    root = Path(env["out"])
+    runs = [root / f"matcher.name={m}__seed=0" for m in ("hungarian", "sinkhorn")]
+    deadline = time.monotonic() + 60
+    while not all((d / "log.txt").is_file() for d in runs):  # both runs have finished an epoch
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 128 + signum, out
+    assert "interrupted: stopping running variants" in out
+    summary = json.loads((root / "ablation.json").read_text())
+    assert {v["status"] for v in summary["variants"]} == {"interrupted"}
+    lines = [len((d / "log.txt").read_text().splitlines()) for d in runs]
+    time.sleep(1.5)  # the fake runs write an epoch a second: stopped ones write no more
+    assert [len((d / "log.txt").read_text().splitlines()) for d in runs] == lines
+    assert all(n < 30 for n in lines)
+    resumed = base_args(env, "--grid", "matcher.name=hungarian,sinkhorn", "--jobs", "2", "--no-plots",
+                        "--extra", "train.epochs=30")
+    assert cli.main(resumed) == 0
+    for d in runs:
+        assert [json.loads(x)["epoch"] for x in (d / "log.txt").read_text().splitlines()] == list(range(30))
 
 
 def test_gpus_and_progress(env, capsys) -> None:

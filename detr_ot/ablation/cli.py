@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     scheduler = Scheduler(jobs, slots, meta, root, progress_interval=args.progress_interval, poll=args.poll)
     rc = scheduler.run()
-    if rc == 130:
+    if rc in (130, 143):  # stopped by SIGINT / SIGTERM: no plots of a partial state
         return rc
     if not args.no_plots and any(j.status in ("finished", "skipped") for j in jobs):
         if not plot_results(jobs, root, x=args.x, panels=args.panels, band=args.band, reach=args.reach):

@@ -7,9 +7,13 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import signal
 import subprocess
+import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -149,8 +153,15 @@ class Scheduler:
 
     def run(self) -> int:
         """Run every pending job, interrupted ones first; 0 if all finished or were skipped, 1 if any failed,
-        130 on Ctrl-C (the running jobs are stopped and marked interrupted; running the same ablation again
-        resumes them)."""
+        130 on Ctrl-C / SIGINT and 143 on SIGTERM (a batch system's stop or time limit): the running jobs are
+        stopped and marked interrupted, and running the same ablation again resumes them."""
+        with _stop_on_signals() as received:
+            try:
+                return self._run()
+            except KeyboardInterrupt:
+                return 128 + received.get("signum", signal.SIGINT)
+
+    def _run(self) -> int:
         for job in self.jobs:
             if (job.dir / "finished.json").is_file():
                 job.status = "skipped"
@@ -201,7 +212,31 @@ class Scheduler:
                 log.close()
                 job.status, job.returncode, job.ended = "interrupted", proc.returncode, now()
             self.write_summary()
-            return 130
+            raise
         self.write_summary()
         print(f"[ablate] {self._counts()}")
         return 1 if any(j.status == "failed" for j in self.jobs) else 0
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[dict[str, int]]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the scheduler loop (recording which one arrived), also
+    where the shell started the ablation in the background with SIGINT ignored; handlers restored on exit.
+    Outside the main thread (where Python allows no handlers) nothing is installed."""
+    received: dict[str, int] = {}
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        if "signum" in received:  # a second signal while the running jobs are being stopped: let them stop
+            return
+        received["signum"] = signum
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
