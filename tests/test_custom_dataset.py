@@ -365,7 +365,15 @@ def test_explicit_paths_are_refused_for_the_shapes_dataset() -> None:
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_train_one_epoch_from_explicit_paths(tmp_path: Path, train_cli, capsys) -> None:
+def test_train_one_epoch_from_explicit_paths(tmp_path: Path, train_cli, capsys, monkeypatch) -> None:
+    set_threads: list[int] = []  # train.threads reaches torch (the fixture restores the count afterwards)
+    real_set_num_threads = torch.set_num_threads
+
+    def record(n: int) -> None:
+        set_threads.append(n)
+        real_set_num_threads(n)
+
+    monkeypatch.setattr(torch, "set_num_threads", record)
     files = custom_dataset(tmp_path / "data")
     out = tmp_path / "run"
     overrides = tiny_overrides(
@@ -374,10 +382,11 @@ def test_train_one_epoch_from_explicit_paths(tmp_path: Path, train_cli, capsys) 
         f"data.val_ann={files.val.ann}", f"data.val_images={files.val.images}",
         "data.scales=[64,80,96]", "data.max_size=128", "data.val_scale=80", "data.batch_size=2",
         "data.eval_batch_size=2", "model.pretrained=false", "loss.cls=focal", "train.max_iters_per_epoch=2",
-        epochs=1,
+        "train.threads=1", epochs=1,
     )
     args = ["--config", str(CUSTOM_YAML), "--no-progress", *overrides]
     assert train_cli.main(args) == 0, capsys.readouterr().err
+    assert set_threads == [1]
 
     (record,) = read_log(out)
     assert record["epoch"] == 0 and np.isfinite(record["train_loss"]) and np.isfinite(record["test_loss"])

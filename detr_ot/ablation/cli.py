@@ -18,7 +18,8 @@ re-launched first (train.py resumes from its checkpoint). Then, in order: every 
 next seed.
 
 Parallelism: --jobs N runs N at a time (without --gpus each gets OMP_NUM_THREADS = cores / N unless that
-is set); --gpus 0,1,2,3 runs one per GPU (CUDA_VISIBLE_DEVICES); --torchrun N launches each run under
+is set; a config's train.threads > 0, as in the shapes presets, takes precedence); --gpus 0,1,2,3 runs one
+per GPU (CUDA_VISIBLE_DEVICES); --torchrun N launches each run under
 `python -m torch.distributed.run --standalone --nproc_per_node=N`
 (with --gpus, each run gets N of the listed GPUs). A failing run is reported (return code and the tail of
 its stdout.log) and the others go on. ROOT/ablation.json lists every variant with its status (finished /
