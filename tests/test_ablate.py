@@ -122,6 +122,27 @@ def test_grid_parsing_and_names() -> None:
         plan.expand({"k": ["a/b", "a:b"]}, [0], Path("R"))
 
 
+def test_variant_major_order_is_the_same_runs_reordered() -> None:
+    grid = plan.parse_grid(["matcher.name=hungarian,sinkhorn"])
+    by_seed = plan.expand(grid, [2, 0], Path("R"))
+    by_variant = plan.expand(grid, [2, 0], Path("R"), order="variant")
+    assert [(j.overrides["matcher.name"], j.seed) for j in by_variant] == [
+        ("hungarian", 2),
+        ("hungarian", 0),
+        ("sinkhorn", 2),
+        ("sinkhorn", 0),
+    ]
+    assert [(j.overrides["matcher.name"], j.seed) for j in by_seed] == [
+        ("hungarian", 2),
+        ("sinkhorn", 2),
+        ("hungarian", 0),
+        ("sinkhorn", 0),
+    ]
+    assert sorted(j.name for j in by_seed) == sorted(j.name for j in by_variant)
+    with pytest.raises(ValueError, match="order"):
+        plan.expand(grid, [0], Path("R"), order="random")
+
+
 def test_variants_are_one_grid_axis() -> None:
     grid = plan.parse_grid(["loss.cls=focal,rs"])
     variants = plan.parse_variants(
@@ -197,6 +218,13 @@ def test_dry_run_with_variants(env, capsys) -> None:
     out = capsys.readouterr().out
     assert " a=1 b=x c=v seed=0 " in out and " a=2 c=u seed=0 " in out
     assert "4 runs (4 variants x 1 seeds)" in out
+
+
+def test_dry_run_variant_major_order(env, capsys) -> None:
+    args = ["--variant", "a=1", "--variant", "a=2", "--seeds", "5", "6", "--dry-run"]
+    assert cli.main(base_args(env, *args, "--order", "variant")) == 0
+    names = [ln.split(": ", 1)[1] for ln in capsys.readouterr().out.splitlines() if ln.startswith("[dry-run] run:")]
+    assert names == ["a=1__seed=5", "a=1__seed=6", "a=2__seed=5", "a=2__seed=6"]
 
 
 def test_ablation_with_failure_then_skip(env, capsys) -> None:

@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="one set of overrides, quoted (repeatable; the variants form a grid axis)",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
+    p.add_argument(
+        "--order",
+        choices=["seed", "variant"],
+        default="seed",
+        help="launch order: seed-major (every variant of the first seed first; default) or variant-major "
+        "(every seed of the first variant first)",
+    )
     p.add_argument("--out", required=True, help="ablation root directory")
     par = p.add_mutually_exclusive_group()
     par.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
@@ -131,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.config).is_file():
         parser.error(f"--config {args.config}: no such file")
     root = Path(args.out)
-    jobs = expand(grid, args.seeds, root, variants)
+    jobs = expand(grid, args.seeds, root, variants, order=args.order)
     launch = Launch(args.train_script, args.config, args.train_args, args.device, args.torchrun, not args.no_tb)
     for job in jobs:
         job.command = build_command(job, launch, extra, root)
@@ -151,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         "grid": grid,
         "variants": variants,
         "seeds": args.seeds,
+        "order": args.order,
         "extra": extra,
         "train_script": args.train_script,
         "launcher": {"jobs": args.jobs, "gpus": args.gpus, "torchrun": args.torchrun, "device": args.device},

@@ -147,20 +147,28 @@ class Job:
 
 
 def expand(
-    grid: dict[str, list[str]], seeds: list[int], root: Path, variants: list[dict[str, str]] | None = None
+    grid: dict[str, list[str]],
+    seeds: list[int],
+    root: Path,
+    variants: list[dict[str, str]] | None = None,
+    order: str = "seed",
 ) -> list[Job]:
-    """Cartesian product of the --variant sets x grid values x seeds (seed-major: every variant of seed 0
-    first)."""
+    """Cartesian product of the --variant sets x grid values x seeds, in launch order.
+
+    ``order="seed"`` (seed-major): every variant of the first seed, then the next seed, so a cut-short ablation
+    holds one complete comparison. ``order="variant"`` (variant-major): every seed of the first variant, then
+    the next, so finished rows have all their seeds (min-max bands) before later rows start."""
+    if order not in ("seed", "variant"):
+        raise ValueError(f"order must be 'seed' or 'variant', got {order!r}")
     combos = [
         {**var, **dict(zip(grid, vals, strict=True))}
         for var in (variants or [{}])
         for vals in itertools.product(*grid.values())
     ]
-    jobs = [
-        Job(name=variant_name(ov, s), overrides=ov, seed=s, dir=root / variant_name(ov, s))
-        for s in seeds
-        for ov in combos
-    ]
+    pairs = (
+        [(ov, s) for s in seeds for ov in combos] if order == "seed" else [(ov, s) for ov in combos for s in seeds]
+    )
+    jobs = [Job(name=variant_name(ov, s), overrides=ov, seed=s, dir=root / variant_name(ov, s)) for ov, s in pairs]
     names = [j.name for j in jobs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
