@@ -501,13 +501,14 @@ def plot_loss_curves(variants: Sequence[Variant], x: str = "epoch", band: str = 
 def save_figure(
     fig: Figure, stem: str | os.PathLike[str], formats: Sequence[str] = ("png", "svg")
 ) -> list[Path]:
-    """Write ``stem.<fmt>`` for each format; returns the paths."""
+    """Write ``stem.<fmt>`` for each format; returns the paths. The bounding box grows to hold a legend wider
+    than the panels (long override labels), so no label is cut off."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     out = []
     for fmt in formats:
         p = stem.with_name(f"{stem.name}.{fmt}")
-        fig.savefig(p, format=fmt, dpi=150)
+        fig.savefig(p, format=fmt, dpi=150, bbox_inches="tight", pad_inches=0.1)
         out.append(p)
     return out
 

@@ -405,3 +405,25 @@ def test_many_variants_stay_distinguishable(tmp_path: Path) -> None:
     looks = [(ln.get_color(), ln.get_linestyle(), ln.get_marker()) for ln in ax.lines]
     plt.close(fig)
     assert len(looks) == 23 and len(set(looks)) == 23
+
+
+def test_saved_figure_holds_a_legend_wider_than_the_panels(tmp_path: Path) -> None:
+    """A long override label makes the legend wider than the figure: the saved image grows to hold it."""
+    import matplotlib.image
+
+    widths = {}
+    for key, name in (("short", "a=1"), ("long", "k=" + "x" * 160)):
+        d = tmp_path / key / f"{name}__seed=0"
+        d.mkdir(parents=True)
+        (d / "overrides.json").write_text(json.dumps({"overrides": {name.split("=")[0]: name[2:]}, "seed": 0}))
+        (d / "log.txt").write_text(
+            "".join(json.dumps({"epoch": e, "test_coco_eval_bbox": [0.1 * e] + [0.0] * 11}) + "\n" for e in range(3))
+        )
+        fig = plot_metric_curves(group_runs(load_runs([d])))
+        (png,) = plots.save_figure(fig, tmp_path / key / "curves", formats=("png",))
+        widths[key] = matplotlib.image.imread(png).shape[1]
+        legend = fig.legends[0].get_window_extent(fig.canvas.get_renderer())
+        assert legend.width > 0
+    # a 160-character label in the "small" font is several inches wider than the 5.2-inch figure; cut to the
+    # figure's width, both images would be 5.2 * 150 px wide
+    assert widths["long"] > 1.5 * widths["short"]
