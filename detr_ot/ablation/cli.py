@@ -15,7 +15,7 @@ overrides, with <name> = "k1=v1__k2=v2__seed=S" (characters outside [A-Za-z0-9._
 pointed at ROOT/tb overlays all variants. ROOT/<name>/overrides.json records the variant before it starts
 and ROOT/<name>/stdout.log receives its output. Runs with finished.json are skipped; interrupted runs are
 re-launched first (train.py resumes from its checkpoint). Then, in order: every variant of the first seed, then the
-next seed.
+next seed (--order seed, the default), or every seed of the first variant, then the next (--order variant).
 
 Parallelism: --jobs N runs N at a time (without --gpus each gets OMP_NUM_THREADS = cores / N unless that
 is set; a config's train.threads > 0, as in the shapes presets, takes precedence); --gpus 0,1,2,3 runs one
@@ -35,6 +35,7 @@ import sys
 from pathlib import Path
 
 from detr_ot.ablation.plan import (
+    ORDERS,
     TB_KEY,
     Launch,
     build_command,
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
     p.add_argument(
         "--order",
-        choices=["seed", "variant"],
+        choices=ORDERS,
         default="seed",
         help="launch order: seed-major (every variant of the first seed first; default) or variant-major "
         "(every seed of the first variant first)",

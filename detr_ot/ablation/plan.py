@@ -146,6 +146,9 @@ class Job:
         }
 
 
+ORDERS = ("seed", "variant")  # launch orders of expand(): seed-major, variant-major
+
+
 def expand(
     grid: dict[str, list[str]],
     seeds: list[int],
@@ -158,8 +161,8 @@ def expand(
     ``order="seed"`` (seed-major): every variant of the first seed, then the next seed, so a cut-short ablation
     holds one complete comparison. ``order="variant"`` (variant-major): every seed of the first variant, then
     the next, so finished rows have all their seeds (min-max bands) before later rows start."""
-    if order not in ("seed", "variant"):
-        raise ValueError(f"order must be 'seed' or 'variant', got {order!r}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     combos = [
         {**var, **dict(zip(grid, vals, strict=True))}
         for var in (variants or [{}])
